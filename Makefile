@@ -1,0 +1,42 @@
+# papertune: `make run` (install + reproduce the pipeline on the sample corpus) and `make test`.
+VENV   := .venv
+BIN    := $(abspath $(VENV)/bin)
+STAMP  := $(VENV)/.installed
+# torch stays pinned in the same pip command as everything else: any other version pulls GBs of CUDA wheels.
+PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
+
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test ui serve bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP_INSTALL) 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import torch, prefect, peft, mlflow, dvc" # fail here, not mid-pipeline, if the install broke
+	touch $@
+
+install: $(STAMP)
+
+run: install              ## install, reproduce the whole pipeline with DVC, print the ROUGE table
+	dvc repro
+	python -m flows.report
+
+test: install             ## the test suite (CI runs exactly this)
+	python -m pytest
+
+ui: install               ## MLflow UI on the project's tracking store
+	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
+
+serve: install            ## run the pipeline on its cron schedule on this machine (no work pool needed)
+	python -m flows.serve
+
+bench: install            ## speed and memory benchmarks (figures and ratios, side by side)
+	python benchmarks/ingest.py
+	python benchmarks/train.py
+	python benchmarks/eval.py
+
+clean:                    ## remove caches (not DVC-tracked outputs)
+	rm -rf .prefect .pytest_cache

@@ -1,0 +1,173 @@
+"""Base model: build the offline tiny Llama, or resolve a Hub id / local folder, and describe it for later stages.
+
+Run alone:  python -m tasks.base_model [--params params.yaml]
+
+`model.name: builtin:tiny-llama` trains a byte-level BPE tokenizer on the fixed sample-corpus sources and
+initialises a small Llama from `model.tiny` under a fixed seed, saved with `save_pretrained`: nothing is
+downloaded, and adding PDFs to the corpus never changes the tokenizer (so cached chunks stay valid).
+Any other name is loaded with `from_pretrained` (a Hub id, or a local folder). Either way the stage writes
+`base_model.json` (name, revision, tokenizer hash) that chunk, train, evaluate and ask read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tasks.common import PipelineError, atomic_dir, logger, run_stage, sha256_bytes, write_json
+from tasks.params import ModelParams, Paths
+
+BUILTIN = "builtin:tiny-llama"
+DESCRIPTOR = "base_model.json"
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+def build_tokenizer(corpus: Path, vocab_size: int):
+    """Byte-level BPE (the GPT-2/Llama-3 scheme: any byte sequence is encodable) trained on a fixed corpus."""
+    from transformers import PreTrainedTokenizerFast
+
+    files = sorted(str(p) for p in corpus.rglob("*") if p.is_file() and p.suffix in (".md", ".txt"))
+    if not files:
+        raise PipelineError(f"no .md/.txt files under {corpus} to train the builtin tokenizer on")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train(files, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+
+
+def build_tiny_llama(model: ModelParams, paths: Paths, out: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = model.tiny
+    tokenizer = build_tokenizer(paths.tokenizer_corpus, tiny.vocab_size)
+    config = LlamaConfig(
+        # The vocab rounds up to a multiple of 32 so lm_head, like every linear layer, suits the bnb CPU kernel.
+        vocab_size=-(-len(tokenizer) // 32) * 32,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_key_value_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(tiny.seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Content hash of the tokenizer (vocab, merges, normalisation): the cache key of everything tokenised."""
+    return sha256_bytes(tokenizer.backend_tokenizer.to_str().encode())
+
+
+def run(model: ModelParams, paths: Paths) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = Path(paths.base_model)
+    with atomic_dir(out) as staging:
+        if model.name == BUILTIN:
+            build_tiny_llama(model, paths, staging)
+            name_or_path, revision = None, None
+            tokenizer = AutoTokenizer.from_pretrained(staging)
+        else:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model.name, revision=model.revision)
+                config = AutoConfig.from_pretrained(model.name, revision=model.revision)
+            except OSError as e:
+                raise PipelineError(
+                    f"model.name={model.name!r} cannot be loaded ({str(e).splitlines()[0][:160]}); "
+                    "download it first (unset HF_HUB_OFFLINE) or point model.name at a local folder"
+                ) from None
+            name_or_path = str(Path(model.name).resolve()) if Path(model.name).is_dir() else model.name
+            revision = getattr(config, "_commit_hash", None) or model.revision
+        descriptor = {
+            "name": model.name,
+            # None: the weights are in this folder (builtin); otherwise a Hub id or an absolute local path.
+            "name_or_path": name_or_path,
+            "revision": revision,
+            "tokenizer_hash": tokenizer_hash(tokenizer),
+            "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        }
+        write_json(staging / DESCRIPTOR, descriptor)
+    logger().info(f"base model: {model.name} (tokenizer {descriptor['tokenizer_hash'][:12]}) → {out}")
+    return descriptor
+
+
+# ---------------------------------------------------------------------------------------------- loading (later stages)
+
+
+def describe(base_dir: str | Path) -> dict:
+    path = Path(base_dir) / DESCRIPTOR
+    if not path.exists():
+        raise PipelineError(f"{path} not found: run the base_model stage first (dvc repro base_model)")
+    info = json.loads(path.read_text())
+    info["load_from"] = info["name_or_path"] or str(Path(base_dir))
+    return info
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(base_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    info = describe(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(info["load_from"], revision=info["revision"])
+    if tokenizer.pad_token is None:  # many Hub causal LMs ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(base_dir: str | Path, quantization: str, compute_dtype: str):
+    """The base model for training or inference, quantised as in `train.quantization`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    info = describe(base_dir)
+    dtype = getattr(torch, compute_dtype)
+    kwargs: dict = {"revision": info["revision"], "dtype": dtype}
+    if quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    elif quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if torch.cuda.is_available():
+        # Under `accelerate launch` (DDP) each process holds a whole quantised copy on its own GPU.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if "WORLD_SIZE" in os.environ else "auto"
+    model = AutoModelForCausalLM.from_pretrained(info["load_from"], **kwargs)
+    if quantization == "4bit" and not torch.cuda.is_available():
+        disable_cpu_4bit_repacking(model)
+    return model
+
+
+def disable_cpu_4bit_repacking(model) -> int:
+    """bitsandbytes 0.50 on CPUs with avx512_bf16: the first inference-mode forward repacks each 4-bit weight for
+    `gemv_4bit`, which has no backward, and from then on gradients silently stop flowing through the frozen
+    4-bit layers (only LoRA B of o_proj/down_proj still learn). Turning the repacking off keeps them flowing."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+if __name__ == "__main__":
+    run_stage(run, "base_model")

@@ -1,0 +1,154 @@
+"""Chunk: cut each document into chunks of at most `chunk.max_tokens` base-model tokens.
+
+Run alone:  python -m tasks.chunk [--params params.yaml]
+
+Chunks follow the paper's structure: a heading always starts a new chunk, paragraphs are packed whole while
+they fit, and only a paragraph longer than a chunk is cut, at sentence ends (a sentence longer than a chunk is
+cut on token boundaries). A new chunk in the same section repeats the previous chunk's last sentences, up to
+`chunk.overlap_tokens`. Chunks never mix documents. Each document is one cached Prefect task keyed on its
+content, the tokenizer's hash and the chunk params, so adding a PDF chunks only that PDF.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from prefect import task
+
+from tasks.base_model import describe, load_tokenizer
+from tasks.common import CACHE, content_hash, map_cached, read_jsonl, run_stage, write_jsonl
+from tasks.params import ChunkParams, Paths
+
+# A sentence ends at . ! ? followed by a space and a capital/digit/bracket; common abbreviations do not end one.
+_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\bet al)(?<!\bvs)(?<!\bFig)(?<!\bEq)(?<=[.!?])\s+(?=[A-Z0-9(\[])")
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text.strip()) if s]
+
+
+@dataclass
+class Piece:
+    """A run of text that stays whole inside a chunk (a paragraph, or a sentence of a long paragraph)."""
+
+    text: str
+    section: str
+    page: int
+    n_tokens: int
+    starts_section: bool = False
+
+
+def pieces(doc: dict, count, max_tokens: int) -> list[Piece]:
+    """Flatten pages → paragraphs (under their section), cutting paragraphs that cannot fit in one chunk."""
+    out: list[Piece] = []
+    section, new_section = "", True
+    for page in doc["pages"]:
+        for block in page["blocks"]:
+            if block["kind"] == "heading":
+                section, new_section = block["text"], True
+                continue
+            n = count(block["text"])
+            units = [(block["text"], n)] if n <= max_tokens else _cut(block["text"], count, max_tokens)
+            for text, n_tok in units:
+                out.append(Piece(text, section, page["page"], n_tok, starts_section=new_section))
+                new_section = False
+    return out
+
+
+def _cut(paragraph: str, count, max_tokens: int) -> list[tuple[str, int]]:
+    units = []
+    for sentence in split_sentences(paragraph):
+        n = count(sentence)
+        if n <= max_tokens:
+            units.append((sentence, n))
+            continue
+        words, current = sentence.split(), []  # a run-on "sentence" (a table, a formula dump): cut by words
+        for word in words:
+            if current and count(" ".join(current + [word])) > max_tokens:
+                units.append((" ".join(current), count(" ".join(current))))
+                current = []
+            current.append(word)
+        if current:
+            units.append((" ".join(current), count(" ".join(current))))
+    return units
+
+
+def _tail_sentences(text: str, count, budget: int) -> str:
+    """The last whole sentences of `text` that fit in `budget` tokens (the overlap carried to the next chunk)."""
+    tail: list[str] = []
+    for sentence in reversed(split_sentences(text)):
+        if count(" ".join([sentence] + tail)) > budget:
+            break
+        tail.insert(0, sentence)
+    return " ".join(tail)
+
+
+def chunk_pieces(parts: list[Piece], cfg: ChunkParams, count) -> list[dict]:
+    chunks: list[dict] = []
+    current: list[Piece] = []
+
+    def flush() -> None:
+        if current:
+            text = "\n\n".join(p.text for p in current)
+            chunks.append({"section": current[0].section, "page_start": current[0].page,
+                           "page_end": current[-1].page, "text": text})
+            current.clear()
+
+    for part in parts:
+        size = count("\n\n".join([p.text for p in current] + [part.text])) if current else part.n_tokens
+        if part.starts_section or size > cfg.max_tokens:
+            same_section = current and not part.starts_section
+            previous = "\n\n".join(p.text for p in current)
+            flush()
+            overlap = _tail_sentences(previous, count, cfg.overlap_tokens) if same_section else ""
+            if overlap and count(overlap + "\n\n" + part.text) <= cfg.max_tokens:
+                current.append(Piece(overlap, part.section, part.page, count(overlap)))
+        current.append(part)
+    flush()
+
+    # A short tail (a one-line section, a dangling sentence) is merged into its predecessor when both fit.
+    merged: list[dict] = []
+    for c in chunks:
+        if merged and count(c["text"]) < cfg.min_tokens:
+            joined = merged[-1]["text"] + "\n\n" + c["text"]
+            if count(joined) <= cfg.max_tokens:
+                merged[-1] = {**merged[-1], "text": joined, "page_end": c["page_end"]}
+                continue
+        merged.append(c)
+    return merged
+
+
+@task(**{**CACHE, "cache_policy": CACHE["cache_policy"] - "base_dir"}, name="chunk-document")
+def chunk_document(doc: dict, tokenizer_hash: str, cfg: ChunkParams, base_dir: str) -> list[dict]:
+    tokenizer = load_tokenizer(base_dir)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    out = []
+    for c in chunk_pieces(pieces(doc, count, cfg.max_tokens), cfg, count):
+        out.append({
+            # Stable across runs: the same document text and params give the same ids.
+            "chunk_id": f"{doc['doc_id'][:12]}-{content_hash([c['section'], c['text']])[:10]}",
+            "doc_id": doc["doc_id"],
+            "title": doc["title"],
+            "file": doc["file"],
+            **c,
+            "n_tokens": count(c["text"]),
+        })
+    return out
+
+
+def run(chunk: ChunkParams, paths: Paths) -> list[dict]:
+    documents = read_jsonl(paths.documents)
+    info = describe(paths.base_model)
+    per_doc = map_cached(chunk_document, documents, info["tokenizer_hash"], chunk, str(paths.base_model),
+                         desc="chunk")
+    chunks = [c for doc_chunks in per_doc for c in doc_chunks]
+    write_jsonl(paths.chunks, chunks)
+    return chunks
+
+
+if __name__ == "__main__":
+    run_stage(run, "chunk")

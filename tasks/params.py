@@ -1,0 +1,257 @@
+"""The one typed model of params.yaml: every value the pipeline uses, one section per stage.
+
+Check a params file:  python -m tasks.params [--params params.yaml]
+
+Values live only in params.yaml (no defaults here); an unknown or mistyped key stops the run before any work
+with one line naming the file, the key and what was expected. Each stage receives only its own section
+(plus `paths`), so `dvc.yaml` can declare exactly the params a stage depends on.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    # frozen: a stage cannot change params another stage reads; forbid: a typo is an error, not a silent default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(Section):
+    """Every file and folder the pipeline reads or writes, relative to the project root."""
+
+    pdf_dir: Path = Field(description="Folder of input PDFs (searched recursively).")
+    tokenizer_corpus: Path = Field(
+        description="Fixed text corpus the builtin tokenizer is trained on (the bundled sample papers' sources), "
+        "so adding PDFs to pdf_dir never changes the tokenizer."
+    )
+    documents: Path = Field(description="ingest → JSONL, one document record per ingested PDF.")
+    ingest_report: Path = Field(description="ingest → JSON report, one entry per input file.")
+    base_model: Path = Field(description="base_model → folder with base_model.json (and weights when builtin).")
+    chunks: Path = Field(description="chunk → JSONL of token-bounded chunks.")
+    qa: Path = Field(description="qa → JSONL of filtered question–answer pairs with provenance.")
+    qa_report: Path = Field(description="qa → JSON report of generated, dropped and kept pairs.")
+    train_split: Path = Field(description="split → JSONL of training pairs.")
+    eval_split: Path = Field(description="split → JSONL of held-out pairs (documents never seen in training).")
+    split_report: Path = Field(description="split → JSON report: documents and pairs per side, leakage check.")
+    adapter: Path = Field(description="train → folder with the LoRA adapter, tokenizer and resolved params.")
+    checkpoints: Path = Field(description="train → Trainer checkpoints, used to resume an interrupted run.")
+    train_metrics: Path = Field(description="train → JSON metrics (DVC metrics).")
+    loss_curve: Path = Field(description="train → CSV of train/eval loss per step (DVC plot).")
+    eval_metrics: Path = Field(description="evaluate → JSON ROUGE report (DVC metrics).")
+    predictions: Path = Field(description="evaluate → JSONL with question, reference, base and fine-tuned answers.")
+    rouge_plot: Path = Field(description="evaluate → CSV of ROUGE per mode and model (DVC plot).")
+    plots_dir: Path = Field(description="train/evaluate → PNG plots logged to MLflow.")
+
+
+class TinyModel(Section):
+    """Shape of the builtin random-weight Llama (used when model.name is 'builtin:tiny-llama')."""
+
+    vocab_size: int = Field(gt=256, description="BPE vocabulary size of the builtin tokenizer.")
+    hidden_size: int = Field(gt=0, description="Width of the residual stream.")
+    intermediate_size: int = Field(gt=0, description="Width of the MLP.")
+    num_hidden_layers: int = Field(gt=0, description="Decoder layers.")
+    num_attention_heads: int = Field(gt=0, description="Query heads.")
+    num_key_value_heads: int = Field(gt=0, description="Key/value heads (grouped-query attention).")
+    max_position_embeddings: int = Field(gt=0, description="Longest sequence the model accepts.")
+    seed: int = Field(description="Seed for the random initialisation.")
+
+    @model_validator(mode="after")
+    def _linear_sizes_fit_bitsandbytes(self) -> TinyModel:
+        # bitsandbytes' CPU 4-bit kernel asserts unless every quantised linear layer's output size is a multiple of 32.
+        head_dim = self.hidden_size // self.num_attention_heads
+        sizes = {
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_key_value_heads * head_dim": self.num_key_value_heads * head_dim,
+        }
+        bad = [f"{k}={v}" for k, v in sizes.items() if v % 32]
+        if bad or self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"linear output sizes must be multiples of 32 and heads must divide hidden_size: {bad}")
+        return self
+
+
+class ModelParams(Section):
+    name: str = Field(
+        description="'builtin:tiny-llama' (offline random model built from `tiny`), a Hugging Face Hub id "
+        "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local folder saved with save_pretrained."
+    )
+    revision: str = Field(description="Hub revision (branch, tag or commit) for a Hub id; ignored otherwise.")
+    tiny: TinyModel
+
+
+class IngestParams(Section):
+    drop_references: bool = Field(description="Cut the reference list (appendices after it are kept).")
+    min_chars: int = Field(ge=0, description="A PDF with fewer extractable characters is skipped as 'no text'.")
+    header_footer_margin: float = Field(
+        gt=0, lt=0.5, description="Top/bottom fraction of the page searched for running headers and footers."
+    )
+    header_footer_min_pages: int = Field(
+        ge=2, description="A line in the margin repeated on at least this many pages is a running header/footer."
+    )
+
+
+class ChunkParams(Section):
+    max_tokens: int = Field(gt=16, description="Upper bound of a chunk, in base-model tokens.")
+    overlap_tokens: int = Field(ge=0, description="Tokens of the previous chunk repeated at the start of the next.")
+    min_tokens: int = Field(ge=1, description="A section tail shorter than this is merged into the previous chunk.")
+
+    @model_validator(mode="after")
+    def _overlap_below_max(self) -> ChunkParams:
+        if self.overlap_tokens >= self.max_tokens // 2:
+            raise ValueError("overlap_tokens must be below max_tokens / 2")
+        return self
+
+
+class OpenAIParams(Section):
+    base_url: str = Field(description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 for vLLM.")
+    model: str = Field(description="Model name the endpoint serves.")
+    api_key_env: str = Field(description="Name of the environment variable holding the API key (never the key).")
+    prompt_template: str = Field(description="User prompt; {title}, {section}, {text} and {n} are filled in.")
+    pairs_per_chunk: int = Field(gt=0, description="Pairs asked for per chunk.")
+    temperature: float = Field(ge=0)
+    max_concurrency: int = Field(gt=0, description="Requests in flight at once (per process).")
+    max_retries: int = Field(ge=0, description="Retries with exponential backoff on 429, 5xx and connection errors.")
+    timeout_s: float = Field(gt=0, description="Per-request timeout in seconds.")
+
+
+class QAParams(Section):
+    backend: Literal["extractive", "openai"] = Field(description="Which generator makes the pairs.")
+    max_pairs_per_chunk: int = Field(gt=0, description="Keep at most this many pairs per chunk.")
+    min_question_chars: int = Field(ge=1)
+    max_question_chars: int = Field(gt=1)
+    min_answer_chars: int = Field(ge=1)
+    max_answer_chars: int = Field(gt=1)
+    min_grounding: float = Field(ge=0, le=1, description="Min ROUGE-L recall of the answer against its chunk.")
+    openai: OpenAIParams
+
+
+class SplitParams(Section):
+    eval_fraction: float = Field(gt=0, lt=1, description="Share of documents held out for evaluation.")
+    seed: int = Field(description="Salt of the per-document hash that assigns it to a side.")
+
+
+class TrainParams(Section):
+    quantization: Literal["4bit", "8bit", "none"] = Field(description="Base weights: NF4 (QLoRA), int8, or as-is.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(description="4-bit compute / non-quantised dtype.")
+    lora_r: int = Field(gt=0)
+    lora_alpha: int = Field(gt=0)
+    lora_dropout: float = Field(ge=0, lt=1)
+    target_modules: str | list[str] = Field(description="'all-linear' or a list of module names.")
+    prompt_template: str = Field(description="Used when the tokenizer has no chat template; {question} filled in.")
+    system_prompt: str = Field(description="System message when the chat template is used ('' for none).")
+    max_seq_length: int = Field(gt=8, description="Length of a packed training sequence.")
+    packing: bool = Field(description="Pack examples into full sequences instead of padding each.")
+    gradient_checkpointing: bool
+    seed: int
+    max_steps: int = Field(gt=0, description="Optimizer steps.")
+    learning_rate: float = Field(gt=0)
+    lr_scheduler_type: str = Field(description="transformers scheduler name: cosine, linear, constant, ...")
+    warmup_steps: float = Field(ge=0, description="Linear warm-up: steps, or a ratio of max_steps when below 1.")
+    weight_decay: float = Field(ge=0)
+    per_device_train_batch_size: int = Field(gt=0)
+    gradient_accumulation_steps: int = Field(gt=0)
+    logging_steps: int = Field(gt=0)
+    eval_steps: int = Field(gt=0)
+    save_steps: int = Field(gt=0)
+    min_changed_fraction: float = Field(
+        ge=0, le=1, description="A scheduled run retrains only when at least this share of training pairs changed."
+    )
+
+
+class EvaluateParams(Section):
+    modes: list[Literal["closed_book", "open_book"]] = Field(min_length=1)
+    open_book_template: str = Field(description="Prefix for open_book questions; {context} and {question}.")
+    max_new_tokens: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    max_examples: int = Field(ge=0, description="Evaluate at most this many pairs per set (0 = all).")
+    bootstrap_samples: int = Field(gt=0, description="Resamples for the 95% confidence interval.")
+    seed: int
+    gold_sets: dict[str, Path] = Field(description="Extra JSONL sets {name: path} with question, answer[, context].")
+
+
+class MLflowParams(Section):
+    tracking_uri: str = Field(description="Tracking store; MLFLOW_TRACKING_URI in the environment wins.")
+    artifact_location: str = Field(description="Artifact root for a newly created experiment.")
+    experiment_name: str
+
+
+class RunnerParams(Section):
+    kind: Literal["threads", "processes", "dask"] = Field(description="Prefect task runner for fan-out.")
+    max_workers: int = Field(gt=0, description="Threads or processes, or Dask workers of a local cluster.")
+    dask_address: str | None = Field(description="Address of an existing Dask scheduler; null starts a LocalCluster.")
+
+
+class Params(Section):
+    paths: Paths
+    model: ModelParams
+    ingest: IngestParams
+    chunk: ChunkParams
+    qa: QAParams
+    split: SplitParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    mlflow: MLflowParams
+    runner: RunnerParams
+
+
+class ParamsError(SystemExit):
+    """A bad params file: exits with one line naming the file, the key and what was expected."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "missing key"
+        else:
+            msg = f"{err['msg']}, got {err.get('input')!r}"
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise ParamsError(f"{path}: {key}: {msg}{more}") from None
+
+
+def flatten(params: Params) -> dict[str, str]:
+    """Dotted keys → values, for MLflow params and the adapter's params.yaml."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = str(value)
+
+    walk("", params.model_dump(mode="json"))
+    return out
+
+
+def params_arg(description: str) -> Params:
+    """The only CLI every entry point takes: --params FILE (overrides go through `dvc exp run -S`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return load_params(parser.parse_args().params)
+
+
+if __name__ == "__main__":
+    p = params_arg("Validate a params file.")
+    print(f"ok: {len(flatten(p))} params")

@@ -1,0 +1,62 @@
+"""Shared fixtures. Every test runs offline, with its own Prefect home and result cache under a temp folder."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect: an isolated Prefect home for the whole session, no telemetry, no Hub.
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="papertune-tests-"))
+os.environ.update(
+    PREFECT_HOME=str(_SESSION_TMP / "prefect"),
+    PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(_SESSION_TMP / "prefect" / "results"),
+    PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    PREFECT_SERVER_LOGGING_LEVEL="CRITICAL",
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
+    DVC_NO_ANALYTICS="1",
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+    MLFLOW_TRACKING_URI=f"sqlite:///{_SESSION_TMP / 'mlflow.db'}",
+)
+
+import pytest  # noqa: E402
+from prefect import flow  # noqa: E402
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
+
+from tasks.params import Params, load_params  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_PDFS = ROOT / "data" / "sample" / "pdfs"
+
+
+def make_params(tmp: Path, pdf_dir: Path = SAMPLE_PDFS, **sections: dict) -> Params:
+    """params.yaml with every output path moved under `tmp` and some sections' fields overridden."""
+    base = load_params(ROOT / "params.yaml")
+    paths = {}
+    for name, value in base.paths.model_dump().items():
+        keep = name in ("pdf_dir", "tokenizer_corpus")
+        paths[name] = (ROOT / value) if keep else tmp / value
+    paths["pdf_dir"] = pdf_dir
+    raw = base.model_dump()
+    raw["paths"] = paths
+    for section, fields in sections.items():
+        raw[section] = {**raw[section], **fields}
+    return Params.model_validate(raw)
+
+
+@pytest.fixture
+def params(tmp_path) -> Params:
+    return make_params(tmp_path)
+
+
+@pytest.fixture
+def fresh_cache(tmp_path):
+    """A Prefect result cache of the test's own, so 'computed vs cached' counts do not depend on other tests."""
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
+        yield tmp_path / "prefect-results"
+
+
+def in_flow(fn, *args, **kwargs):
+    """Run a stage function inside a Prefect flow (stages fan out with task.submit, which needs one)."""
+    return flow(name="test-stage")(fn)(*args, **kwargs)
