@@ -1,0 +1,394 @@
+"""Ingest stage: the sample corpus checked against data/sample/manifest.json (its ground truth), PDFs built here
+with PyMuPDF for layouts and bad inputs whose every detail is known, caching across renames, and the CLI."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pymupdf
+import pytest
+import yaml
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+from tasks import ingest
+from tasks.common import PipelineError, read_json, read_jsonl, sha256_file
+from tests.conftest import ROOT, SAMPLE_PDFS, in_flow, make_params
+
+MANIFEST = json.loads((SAMPLE_PDFS.parent / "manifest.json").read_text())
+PAPERS = pytest.mark.parametrize("paper", MANIFEST, ids=lambda m: Path(m["file"]).stem)
+
+
+def norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def blocks(doc: dict) -> list[dict]:
+    return [b for page in doc["pages"] for b in page["blocks"]]
+
+
+def full_text(doc: dict) -> str:
+    return " ".join(b["text"] for b in blocks(doc))
+
+
+def source_paragraphs(paper: dict) -> list[str]:
+    """Plain prose paragraphs of the paper's markdown source (no maths, markup, tables, lists or references)."""
+    body = (SAMPLE_PDFS.parent / "src" / f"{Path(paper['file']).stem}.md").read_text().split("---", 2)[2]
+    paras = [norm(p) for p in re.split(r"\n\s*\n", body)]
+    return [p for p in paras if p[:1].isalpha() and not re.search(r"[$`*|#\[]", p) and not p.startswith("Table")]
+
+
+# ---------------------------------------------------------------------------------------------- sample corpus
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """The stage run once through a flow on the whole sample corpus, with a result cache of its own."""
+    tmp = tmp_path_factory.mktemp("ingest-sample")
+    p = make_params(tmp)
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp / "prefect-results"}):
+        docs = in_flow(ingest.run, p.ingest, p.paths)
+    return {d["file"]: d for d in docs}, read_json(p.paths.ingest_report), read_jsonl(p.paths.documents), docs
+
+
+def doc_of(sample, paper) -> dict:
+    return sample[0][Path(paper["file"]).name]
+
+
+def test_sample_corpus_all_ingested(sample):
+    by_file, report, written, returned = sample
+    assert report["ok"] == len(MANIFEST) and report["skipped"] == 0
+    assert written == returned  # the JSONL is exactly what the stage returns, in input (sorted path) order
+    assert [d["file"] for d in written] == sorted(Path(m["file"]).name for m in MANIFEST)
+    for entry, doc in zip(report["files"], written):
+        assert doc["doc_id"] == sha256_file(SAMPLE_PDFS / doc["file"])
+        assert entry == dict(file=doc["file"], status="ok", reason=None, doc_id=doc["doc_id"], title=doc["title"],
+                             pages=doc["page_count"], sections=len(doc["sections"]))
+        assert list(doc) == ["doc_id", "file", "title", "arxiv_id", "page_count", "sections", "pages"]
+        assert [p["page"] for p in doc["pages"]] == list(range(1, doc["page_count"] + 1))
+
+
+@PAPERS
+def test_title_and_arxiv_id(sample, paper):
+    doc = doc_of(sample, paper)
+    assert doc["title"] == norm(paper["title"])  # not the larger rotated stamp, not empty metadata
+    assert doc["arxiv_id"] == paper["arxiv_id"]
+    assert doc["page_count"] == paper["pages"]
+
+
+@PAPERS
+def test_sections_and_levels(sample, paper):
+    doc = doc_of(sample, paper)
+    expected = paper["sections"] + paper["appendix_sections"]
+    found = iter(doc["sections"])
+    assert all(s in found for s in expected), (expected, doc["sections"])  # all of them, in order
+    assert set(doc["sections"]) - set(expected) <= {"Abstract"}
+    levels = {b["text"]: b["level"] for b in blocks(doc) if b["kind"] == "heading"}
+    for s in expected:  # "3" → 1, "3.2" → 2, "A.1" → 2
+        assert levels[s] == 1 + s.split()[0].count("."), s
+    assert any(s.count(".") for s in expected), "the corpus should have subsections"
+
+
+@PAPERS
+def test_references_cut_appendices_kept(sample, paper):
+    doc = doc_of(sample, paper)
+    assert paper["reference_marker"] not in full_text(doc)
+    assert "References" not in doc["sections"]
+    if paper["appendix_sections"]:  # what follows the reference list is still there, text and all
+        i = next(i for i, b in enumerate(blocks(doc)) if b["text"] == paper["appendix_sections"][0])
+        assert [b["text"] for b in blocks(doc)[i:] if b["kind"] == "heading"] == paper["appendix_sections"]
+        assert sum(len(b["text"]) for b in blocks(doc)[i:] if b["kind"] == "text") > 300
+
+
+@PAPERS
+def test_text_is_clean(sample, paper):
+    doc = doc_of(sample, paper)
+    text = full_text(doc)
+    for word in paper["hyphenated_words"]:
+        assert re.search(rf"\b{word}\b", text), word
+    assert not re.search("[\ufb00-\ufb06]", text)
+    assert paper["abstract_first_sentence"] in text
+    running = {paper["short_title"], paper["venue_line"], paper["arxiv_stamp"]} - {None}
+    for b in blocks(doc):
+        assert b["text"] == norm(b["text"]) and b["text"]
+        assert b["text"] not in running and not b["text"].startswith(paper["short_title"] + " ")
+        assert not re.fullmatch(r"\d+", b["text"]), "a page number was left in"
+        assert "arXiv:" not in b["text"]
+
+
+@PAPERS
+def test_reading_order(sample, paper):
+    """Every plain source paragraph comes out whole and in order: columns read left then right, paragraphs split
+    by the column break rejoined. Hyphens are ignored here: a compound split at its own hyphen, never written
+    whole elsewhere ("low-" + "resource"), cannot be told from a hyphenated word (test_text_is_clean checks those).
+    """
+    text = full_text(doc_of(sample, paper)).replace("-", "")
+    paragraphs = source_paragraphs(paper)
+    assert paragraphs and [p for p in paragraphs if p.replace("-", "") not in text] == []
+    positions = [text.index(s.replace("-", "")) for s in paper["sections"]]
+    assert positions == sorted(positions)
+
+
+def test_corpus_has_a_paragraph_crossing_columns():
+    """test_reading_order means little unless some checked paragraph runs from the bottom of a left column to
+    the top of the right one."""
+    crossing = []
+    for paper in (m for m in MANIFEST if m["layout"] == "two_column"):
+        with pymupdf.open(SAMPLE_PDFS / Path(paper["file"]).name) as pdf:
+            crossing += [p for p in source_paragraphs(paper) for page in pdf if crosses_columns(page, p)]
+    assert crossing
+
+
+def crosses_columns(page: pymupdf.Page, paragraph: str) -> bool:
+    words = paragraph.split()
+    flags = pymupdf.TEXT_DEHYPHENATE | pymupdf.TEXT_MEDIABOX_CLIP  # ligatures expanded: "ﬁ" matches "fi"
+    head = page.search_for(" ".join(words[:4]), flags=flags)
+    tail = page.search_for(" ".join(words[-3:]), flags=flags)
+    mid = page.rect.width / 2
+    return bool(head and tail) and head[0].x1 < mid < tail[-1].x0
+
+
+def test_keep_references_when_asked():
+    cfg = make_params(Path("unused"), ingest={"drop_references": False}).ingest
+    for paper in MANIFEST:
+        path = SAMPLE_PDFS / Path(paper["file"]).name
+        doc = ingest.extract_pdf.fn(sha256_file(path), str(path), cfg)
+        assert paper["reference_marker"] in full_text(doc)
+        assert "References" in doc["sections"]
+        assert all(s in doc["sections"] for s in paper["appendix_sections"])
+
+
+# ---------------------------------------------------------------------------------------------- made-up PDFs
+
+
+def write_lines(page, x, y, lines, size=10.0, font="helv") -> float:
+    for i, text in enumerate(lines):
+        page.insert_text((x, y + i * size * 1.25), text, fontsize=size, fontname=font)
+    return y + len(lines) * size * 1.25 + size
+
+
+def two_column_paper(path: Path) -> None:
+    """Three pages: a rotated 20 pt stamp, a 16 pt two-line title, a full-width abstract, a sentence running
+    from the bottom of the left column to the top of the right one, line-end hyphens (one a real compound),
+    running headers and page numbers, references between a subsection and an appendix."""
+    doc = pymupdf.open()
+    p = doc.new_page(width=612, height=792)
+    p.insert_text((40, 560), "arXiv:2401.01234v3 [cs.CL] 2 Jan 2024", fontsize=20, rotate=90)
+    write_lines(p, 160, 90, ["A Synthetic Study of", "Column Reading Order"], 16, "hebo")
+    write_lines(p, 220, 150, ["Ada Example and Bob Sample"], 11)
+    write_lines(p, 280, 180, ["Abstract"], 12, "hebo")
+    write_lines(p, 72, 200, ["We build a small two-column paper in the test itself so that every",
+                             "layout fact is known: where columns break, which words are hyphenated",
+                             "and which lines are running headers or page numbers on the pages."])
+    y = write_lines(p, 72, 260, ["1 Introduction"], 12, "hebo")
+    write_lines(p, 72, y, ["Reading order matters for two-column", "papers because a sentence often runs from",
+                           "the bottom of the left column to the top", "of the right column, and a careless",
+                           "reader would jump across the page in the"])
+    y = write_lines(p, 320, 260, ["middle of every line instead of reading", "down the column first. We also need a",
+                                  "short test of the parame-", "terization of broken words and of the",
+                                  "word fine-", "tuning, which keeps its hyphen because",
+                                  "fine-tuning appears in running text."])
+    y = write_lines(p, 320, y + 6, ["2 Method"], 12, "hebo")
+    write_lines(p, 320, y, ["The method section starts in the right", "column and continues on the next page."])
+    p.insert_text((303, 770), "1", fontsize=9)
+    for n in (2, 3):
+        p = doc.new_page(width=612, height=792)
+        p.insert_text((220, 40), "Synthetic Study of Column Order", fontsize=8, fontname="heit")
+        p.insert_text((303, 770), str(n), fontsize=9)
+        if n == 2:
+            y = write_lines(p, 72, 80, ["2.1 Details"], 11, "hebo")
+            write_lines(p, 72, y, [
+                "Details of the method are written here",
+                "in the left column of the second page so",
+                "that the header above them is removed."])
+            y = write_lines(p, 320, 80, ["References"], 12, "hebo")
+            write_lines(p, 320, y, [
+                "[1] Ada Example. A Unique Reference Marker",
+                "Title. In Proceedings of Tests, 2020.",
+                "[2] Bob Sample. Another Paper on Layout",
+                "Analysis. In Proceedings of Tests, 2021."])
+        else:
+            y = write_lines(p, 72, 80, ["A Appendix Material"], 12, "hebo")
+            write_lines(p, 72, y, [
+                "Appendix text is kept after the reference",
+                "list, because it is real content of the",
+                "paper and not a bibliography entry at all."])
+            write_lines(p, 320, 80, [
+                "The right column of the last page holds",
+                "the end of the appendix in this example",
+                "so that both columns carry real prose."])
+    doc.save(path)
+
+
+def plain_page_pdf(path: Path, lines: list[str], metadata_title: str) -> None:
+    """One page of body-size text only (no display-size title), with the given metadata title."""
+    doc = pymupdf.open()
+    write_lines(doc.new_page(), 72, 80, lines)
+    doc.set_metadata({"title": metadata_title})
+    doc.save(path)
+
+
+def test_two_column_layout(tmp_path):
+    two_column_paper(tmp_path / "two.pdf")
+    cfg = make_params(tmp_path).ingest
+    doc = ingest.extract_pdf.fn("id", str(tmp_path / "two.pdf"), cfg)
+    assert doc["title"] == "A Synthetic Study of Column Reading Order"
+    assert doc["arxiv_id"] == "2401.01234"
+    assert doc["sections"] == ["Abstract", "1 Introduction", "2 Method", "2.1 Details", "A Appendix Material"]
+    assert [b["level"] for b in blocks(doc) if b["kind"] == "heading"] == [1, 1, 1, 2, 1]
+    page1 = [b["text"] for b in doc["pages"][0]["blocks"]]
+    assert page1[:3] == ["Ada Example and Bob Sample", "Abstract", page1[2]] and page1[2].startswith("We build")
+    intro = page1[4]  # one paragraph although it crosses from the left into the right column
+    assert "a careless reader would jump across the page in the middle of every line instead of reading" in intro
+    assert "the parameterization of broken words" in intro  # hyphenation undone
+    assert "word fine-tuning, which keeps" in intro  # a real compound (used in running text) keeps its hyphen
+    assert doc["pages"][1]["blocks"][0] == {"kind": "heading", "level": 2, "text": "2.1 Details"}  # header gone
+    text = full_text(doc)
+    assert "Synthetic Study of Column Order" not in text and "Unique Reference Marker" not in text
+    assert "Appendix text is kept" in text and "both columns carry real prose" in text
+    assert not any(re.fullmatch(r"\d+", b["text"]) for b in blocks(doc))
+
+
+def test_line_end_hyphens():
+    join = ingest.join_broken  # the last argument: spellings seen within lines elsewhere in the document
+    assert join("the parame-", "terization of", set()) == "the parameterization of"
+    assert join("full fine-", "tuning", {"fine-tuning"}) == "full fine-tuning"  # written so elsewhere
+    assert join("full fine-", "tuning", {"finetuning"}) == "full finetuning"
+    assert join("Low-", "Rank Adaptation", set()) == "Low-Rank Adaptation"  # capitalised: a compound
+    assert join("than on LaM-", "DA-PT", {"lamda", "pt"}) == "than on LaMDA-PT"  # unless written whole elsewhere
+    assert join("GPT-", "3 175B", set()) == "GPT-3 175B"
+    assert join("out-", "-of-domain data", set()) == "out-of-domain data"
+    assert join("a sentence.", "Next one", set()) == "a sentence. Next one"
+    assert join("an en dash –", "and more", set()) == "an en dash – and more"
+
+
+def test_paragraph_continued_after_a_column_or_page_break():
+    def text(t):
+        return {"kind": "text", "text": t}
+
+    pages = [[text("It runs down the left"), text("column into the right one; then parame-")],
+             [text("terization, split by the page, is mended."), text("New paragraph.")]]
+    ingest.join_continuations(pages, set())
+    assert pages == [[text("It runs down the left column into the right one; then parameterization,")],
+                     [text("split by the page, is mended."), text("New paragraph.")]]  # each half on its page
+
+
+def test_metadata_title_fallback_and_old_style_arxiv_id(tmp_path):
+    cfg = make_params(tmp_path).ingest
+    body = ["Preprint arXiv:hep-th/9901001v2 of a note in plain body text only."] + [
+        f"Line {i} of a page without any display-size title, long enough to pass min_chars." for i in range(4)]
+    plain_page_pdf(tmp_path / "a.pdf", body, "A Sane Metadata Title")
+    doc = ingest.extract_pdf.fn("id", str(tmp_path / "a.pdf"), cfg)
+    assert doc["title"] == "A Sane Metadata Title" and doc["arxiv_id"] == "hep-th/9901001"
+    plain_page_pdf(tmp_path / "b.pdf", body, "https://arxiv.org/pdf/2106.09685v2")
+    assert ingest.extract_pdf.fn("id", str(tmp_path / "b.pdf"), cfg)["title"] == ""  # the stage uses the file name
+
+
+# ---------------------------------------------------------------------------------------------- bad input, caching
+
+
+def bad_inputs(folder: Path) -> None:
+    good = SAMPLE_PDFS / Path(MANIFEST[0]["file"]).name
+    (folder / "notes.pdf").write_text("These are plain-text notes, whatever the extension says.\n" * 20)
+    (folder / "half.pdf").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    doc = pymupdf.open()
+    write_lines(doc.new_page(), 72, 72, ["Confidential text that nobody can read without the password."] * 8)
+    doc.save(folder / "Locked.PDF", encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="user", owner_pw="owner")
+    doc = pymupdf.open()
+    doc.new_page().draw_rect(pymupdf.Rect(100, 100, 300, 300), color=(0, 0, 0), fill=(0.5, 0.5, 0.5))
+    doc.save(folder / "scan.pdf")
+
+
+def test_bad_inputs_are_skipped_and_reported(tmp_path, fresh_cache):
+    pdfs = tmp_path / "pdfs"
+    (pdfs / "sub").mkdir(parents=True)
+    good = [SAMPLE_PDFS / Path(m["file"]).name for m in MANIFEST[:2]]
+    shutil.copy(good[0], pdfs / "a.pdf")
+    shutil.copy(good[1], pdfs / "sub" / "b.pdf")
+    shutil.copy(good[0], pdfs / "sub" / "copy.pdf")
+    (pdfs / "readme.txt").write_text("not considered: only *.pdf files are")
+    body = [f"Body line {i} of a paper whose metadata title is a URL." for i in range(6)]
+    plain_page_pdf(pdfs / "untitled.pdf", body, "https://arxiv.org/pdf/2106.09685v2")
+    bad_inputs(pdfs)
+    p = make_params(tmp_path, pdf_dir=pdfs)
+    docs = in_flow(ingest.run, p.ingest, p.paths)
+
+    report = read_json(p.paths.ingest_report)
+    reasons = {f["file"]: f["reason"] for f in report["files"]}
+    assert list(reasons) == ["Locked.PDF", "a.pdf", "half.pdf", "notes.pdf", "scan.pdf", "sub/b.pdf", "sub/copy.pdf",
+                             "untitled.pdf"]
+    assert reasons["a.pdf"] is None and reasons["sub/b.pdf"] is None and reasons["untitled.pdf"] is None
+    assert "encrypted" in reasons["Locked.PDF"]
+    assert "truncated" in reasons["half.pdf"]
+    assert "not a PDF" in reasons["notes.pdf"]
+    assert "no text" in reasons["scan.pdf"]
+    assert reasons["sub/copy.pdf"] == "duplicate of a.pdf"
+    assert (report["ok"], report["skipped"]) == (3, 5)
+    assert all(f["status"] == ("ok" if f["reason"] is None else "skipped") for f in report["files"])
+    assert [d["file"] for d in docs] == ["a.pdf", "sub/b.pdf", "untitled.pdf"] == [
+        d["file"] for d in read_jsonl(p.paths.documents)]
+    assert docs[2]["title"] == "untitled"  # metadata title was a URL: the file name stands in
+
+
+def test_nothing_ingested_fails_with_the_folder_named(tmp_path, fresh_cache):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    bad_inputs(bad)
+    p = make_params(tmp_path, pdf_dir=bad)
+    with pytest.raises(PipelineError, match=rf"no document could be ingested from {re.escape(str(bad))}.*skipped"):
+        in_flow(ingest.run, p.ingest, p.paths)
+    assert read_json(p.paths.ingest_report)["skipped"] == 4
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("only .pdf files count")
+    for folder, why in ((tmp_path / "empty", "no .pdf files in it"), (tmp_path / "missing", "does not exist")):
+        p = make_params(tmp_path, pdf_dir=folder)
+        with pytest.raises(PipelineError, match=rf"{re.escape(str(folder))}: .*{why}"):
+            ingest.run(p.ingest, p.paths)  # fails before any fan-out: no flow needed
+
+
+def test_renamed_file_is_a_cache_hit(tmp_path, fresh_cache, monkeypatch):
+    calls = []
+    extract = ingest.extract
+    monkeypatch.setattr(ingest, "extract", lambda *a: calls.append(1) or extract(*a))
+    pdfs = tmp_path / "pdfs"
+    pdfs.mkdir()
+    shutil.copy(SAMPLE_PDFS / Path(MANIFEST[0]["file"]).name, pdfs / "paper.pdf")
+    p = make_params(tmp_path, pdf_dir=pdfs)
+    first = in_flow(ingest.run, p.ingest, p.paths)
+    (pdfs / "paper.pdf").rename(pdfs / "renamed.pdf")
+    second = in_flow(ingest.run, p.ingest, p.paths)
+    assert len(calls) == 1  # the second run extracted nothing
+    assert second[0]["file"] == "renamed.pdf" and {**second[0], "file": "paper.pdf"} == first[0]
+    changed = make_params(tmp_path, pdf_dir=pdfs, ingest={"min_chars": p.ingest.min_chars + 1})
+    in_flow(ingest.run, changed.ingest, changed.paths)
+    assert len(calls) == 2  # the params are part of the key
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli(tmp_path):
+    (tmp_path / "pdfs").mkdir()
+    for m in MANIFEST[:2]:
+        shutil.copy(SAMPLE_PDFS / Path(m["file"]).name, tmp_path / "pdfs")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["paths"] = {k: str(tmp_path / v) for k, v in raw["paths"].items()}
+    raw["paths"]["pdf_dir"] = str(tmp_path / "pdfs")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    # A Prefect home of its own: the test session's temporary server must not share its database.
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect" / "results")}
+    cmd = [sys.executable, "-m", "tasks.ingest", "--params", str(tmp_path / "params.yaml")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert read_json(raw["paths"]["ingest_report"])["ok"] == 2
+    assert len(read_jsonl(raw["paths"]["documents"])) == 2
+
+    raw["ingest"]["bogus"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'params.yaml'}: ingest.bogus: unknown key"]
