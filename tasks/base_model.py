@@ -61,6 +61,7 @@ def build_tiny_llama(model: ModelParams, paths: Paths, out: Path) -> None:
         num_attention_heads=tiny.num_attention_heads,
         num_key_value_heads=tiny.num_key_value_heads,
         max_position_embeddings=tiny.max_position_embeddings,
+        initializer_range=tiny.initializer_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -59,6 +59,7 @@ class TinyModel(Section):
     num_attention_heads: int = Field(gt=0, description="Query heads.")
     num_key_value_heads: int = Field(gt=0, description="Key/value heads (grouped-query attention).")
     max_position_embeddings: int = Field(gt=0, description="Longest sequence the model accepts.")
+    initializer_range: float = Field(gt=0, description="Std of the random weights (HF default 0.02).")
     seed: int = Field(description="Seed for the random initialisation.")
 
     @model_validator(mode="after")

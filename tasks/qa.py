@@ -38,7 +38,24 @@ _VERBS = ("reduces improves outperforms matches achieves reaches requires uses a
           "updates inserts prepends keeps removes scales decomposes quantizes introduces enables allows").split()
 _CLAIM = re.compile(rf"^(?P<subj>[A-Z][\w\-]*(?:\s+[\w\-]+){{0,4}}?)\s+(?P<verb>{'|'.join(_VERBS)})\s+(?P<rest>.+)")
 _RESULT = re.compile(r"\d")
-_STOP_SUBJECTS = {"This", "It", "We", "They", "These", "That", "There", "However", "Table", "Figure", "In", "For"}
+_STOP_SUBJECTS = {"This", "It", "We", "They", "These", "That", "There", "However", "Table", "Figure", "In", "For",
+                  "Our", "Its", "Their", "His", "Her", "Such", "Both", "Each", "One", "All", "Most", "Some"}
+_DETERMINERS = {"The", "A", "An"}
+# "The goal is ...", "The result is ...": subjects too vague to make a question a reader would ask.
+_VAGUE = {"goal", "idea", "result", "results", "reason", "answer", "difference", "key", "main", "effect", "first",
+          "second", "last", "same", "other", "rest", "problem", "question", "approach", "method", "modification"}
+
+
+def _subject(phrase: str) -> str | None:
+    """A noun phrase fit for a question ("The adapter" → "the adapter"), or None for a vague or long one."""
+    words = phrase.split()
+    if words[0] in _STOP_SUBJECTS or len(words) > 4 or (len(words) > 1 and words[0].endswith("ing")):
+        return None
+    if words[0] in _DETERMINERS:
+        if len(words) == 1 or words[1].lower() in _VAGUE:
+            return None
+        words[0] = words[0].lower()
+    return " ".join(words)
 
 
 def _base_verb(verb: str) -> str:
@@ -63,12 +80,11 @@ def extractive_pairs(chunk: dict, n: int) -> list[dict]:
         if _PROPOSE.search(s):
             what = "propose" if section.lower() in ("abstract", "introduction", "") else f"present in {section}"
             add("proposal", f"What do the authors of {_paper(chunk)} {what}?", s)
-        elif m := _DEFINE.match(s):
-            if m["term"].split()[0] not in _STOP_SUBJECTS:
-                add("definition", f"In {_paper(chunk)}, what is {m['term']}?", s)
-        elif (m := _CLAIM.match(s)) and m["subj"].split()[0] not in _STOP_SUBJECTS:
+        elif (m := _DEFINE.match(s)) and (term := _subject(m["term"])):
+            add("definition", f"In {_paper(chunk)}, what is {term}?", s)
+        elif (m := _CLAIM.match(s)) and (subj := _subject(m["subj"])):
             kind = "result" if _RESULT.search(m["rest"]) else "method"
-            add(kind, f"According to {_paper(chunk)}, what does {m['subj']} {_base_verb(m['verb'])}?", s)
+            add(kind, f"According to {_paper(chunk)}, what does {subj} {_base_verb(m['verb'])}?", s)
         elif _RESULT.search(s) and re.search(r"\b(accuracy|score|BLEU|ROUGE|%|percent|times|fewer|memory|GB)\b", s):
             add("result", f"What result does {_paper(chunk)} report in its {section or 'text'} section?", s)
     if sentences and section:  # one summary question per chunk: what the section says

@@ -84,6 +84,9 @@ def lora_model(base_dir: Path, cfg: TrainParams):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = load_model(base_dir, cfg.quantization, cfg.compute_dtype)
+    # No KV cache while training: with one, transformers skips the packed-sequence mask, and the eval loss on a
+    # flattened batch would let examples attend to each other.
+    model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}
     if cfg.quantization != "none":
         model = prepare_model_for_kbit_training(model, cfg.gradient_checkpointing, gc_kwargs)
@@ -98,7 +101,11 @@ def lora_model(base_dir: Path, cfg: TrainParams):
 def training_arguments(cfg: TrainParams, output_dir: Path, cuda: bool):
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    return TrainingArguments(**training_kwargs(cfg, output_dir, cuda))
+
+
+def training_kwargs(cfg: TrainParams, output_dir: Path, cuda: bool) -> dict:
+    return dict(
         output_dir=str(output_dir),
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,

@@ -1,0 +1,173 @@
+"""QLoRA training and evaluation on the tiny builtin model, in 4-bit on CPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks import base_model, chunk, evaluate, ingest, qa, split, train
+from tasks.common import PipelineError, read_json, read_jsonl
+from tests.conftest import in_flow, make_params
+
+pytestmark = pytest.mark.slow
+FAST = dict(max_steps=30, logging_steps=5, eval_steps=10, save_steps=10, per_device_train_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("model")
+    p = make_params(tmp, train=FAST)
+    for stage, args in ((ingest, (p.ingest, p.paths)), (base_model, (p.model, p.paths)), (chunk, (p.chunk, p.paths)),
+                        (qa, (p.qa, p.paths)), (split, (p.split, p.paths))):
+        in_flow(stage.run, *args)
+    return p
+
+
+def batch(p, n=4):
+    tokenizer = base_model.load_tokenizer(p.paths.base_model)
+    rows = read_jsonl(p.paths.train_split)[:n]
+    examples = [train.encode(r, tokenizer, p.train) for r in rows]
+    return train.collator(tokenizer, packing=True)(examples)
+
+
+def test_every_lora_matrix_still_learns_after_an_evaluation_pass(data):
+    """bitsandbytes' CPU repacking after an inference-mode forward would silently cut gradients to most LoRA
+    matrices; after an eval pass, every LoRA A and B of every adapted projection must still get a gradient."""
+    torch.manual_seed(0)
+    model = train.lora_model(data.paths.base_model, data.train)
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    inputs = batch(data)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(**inputs).loss.backward()  # one step so that LoRA B is no longer zero (then A gets gradients too)
+    opt.step()
+    opt.zero_grad()
+    model.eval()
+    with torch.inference_mode():
+        model(**inputs)
+    model.train()
+    model(**inputs).loss.backward()
+    lora = {n: p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n}
+    projections = {n.split(".lora_")[0] for n in lora}
+    assert len(projections) == 7 * data.model.tiny.num_hidden_layers  # q k v o gate up down in every layer
+    dead = [n for n, p in lora.items() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, f"{len(dead)} of {len(lora)} LoRA tensors got no gradient: {dead[:4]}"
+
+
+def test_train_loss_falls_and_adapter_reloads_identically(data, tmp_path):
+    from transformers import Trainer
+
+    torch.manual_seed(0)
+    model = train.lora_model(data.paths.base_model, data.train)
+    tokenizer = base_model.load_tokenizer(data.paths.base_model)
+    ds = train.load_split(data.paths.train_split, tokenizer, data.train)
+    args = train.training_arguments(data.train.model_copy(update={"max_steps": 40}),
+                                    tmp_path / "ckpt", cuda=False)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds.select(range(8)),
+                      data_collator=train.collator(tokenizer, True))
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0] - 0.5, losses
+
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(
+        base_model.load_model(data.paths.base_model, "4bit", "float32"), tmp_path / "adapter").eval()
+    inputs = batch(data, 2)
+    model.eval()
+    with torch.no_grad():
+        # Packed rows: without a KV cache, so that both mask attention per example.
+        assert torch.equal(model(**inputs, use_cache=False).logits, reloaded(**inputs, use_cache=False).logits)
+
+
+def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
+    original = train.make_callback
+
+    def crashing(mlflow, rows):
+        callback = original(mlflow, rows)
+
+        def on_step_end(args, state, control, **kwargs):
+            if state.global_step == 15:
+                raise RuntimeError("simulated crash")
+
+        callback.on_step_end = on_step_end
+        return callback
+
+    monkeypatch.setattr(train, "make_callback", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        in_flow(train.run, data.train, data.mlflow, data.paths, data)
+    assert (data.paths.checkpoints / "checkpoint-10").exists()
+    assert not data.paths.adapter.exists()  # nothing half-written where the adapter goes
+    first_run = read_json(data.paths.checkpoints / "papertune_run.json")["mlflow_run_id"]
+
+    monkeypatch.setattr(train, "make_callback", original)
+    with caplog.at_level("INFO"):
+        metrics = in_flow(train.run, data.train, data.mlflow, data.paths, data)
+    assert any("resuming from" in m and "checkpoint-10" in m for m in caplog.messages)
+    assert metrics["steps"] == FAST["max_steps"]
+    meta = read_json(data.paths.adapter / train.META)
+    assert meta["mlflow_run_id"] == first_run  # the resumed run continues the same MLflow run
+    saved = (data.paths.adapter / "params.yaml").read_text()
+    assert "max_steps: 30" in saved and "quantization: 4bit" in saved  # resolved params travel with the adapter
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {
+        f.name for f in data.paths.adapter.iterdir()}
+
+    # Nothing changed: a second run skips training and says so.
+    with caplog.at_level("INFO"):
+        again = in_flow(train.run, data.train, data.mlflow, data.paths, data)
+    assert again["skipped"] == "QA dataset and training params unchanged"
+
+
+def test_evaluate_reports_rouge_for_both_models(data):
+    if not data.paths.adapter.exists():
+        pytest.skip("needs the adapter of test_train_stage_resumes_after_interruption")
+    report = in_flow(evaluate.run, data.evaluate.model_copy(update={"max_examples": 12, "max_new_tokens": 16}),
+                     data.mlflow, data.paths)
+    for mode in ("closed_book", "open_book"):
+        for model in ("base", "finetuned"):
+            r = report[mode][model]
+            assert r["n"] == 12 and 0 <= r["rougeL_ci95"][0] <= r["rougeL"] <= r["rougeL_ci95"][1] <= 1
+            assert set(r) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "rougeL_ci95", "n"}
+    rows = read_jsonl(data.paths.predictions)
+    assert len(rows) == 24 and {"question", "reference", "base_answer", "finetuned_answer"} <= set(rows[0])
+    assert json.loads(data.paths.eval_metrics.read_text()) == report
+
+
+def test_missing_adapter_is_one_line(tmp_path):
+    p = make_params(tmp_path)
+    with pytest.raises(PipelineError, match="no adapter in .*train one first"):
+        evaluate.run(p.evaluate, p.mlflow, p.paths)
+
+
+def test_chat_template_prompt_masks_everything_but_the_answer(data):
+    tokenizer = base_model.load_tokenizer(data.paths.base_model)
+    plain = train.build_prompt(tokenizer, "What is LoRA?", data.train.prompt_template, "")
+    assert plain == "Question: What is LoRA?\nAnswer: "
+    templated = tokenizer.__class__.from_pretrained(data.paths.base_model)
+    templated.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    prompt = train.build_prompt(templated, "What is LoRA?", data.train.prompt_template, "Be brief.")
+    assert prompt == "<system>Be brief.\n<user>What is LoRA?\n<assistant>"
+    ex = train.tokenize_pair(templated, prompt, "A low-rank update.", 64)
+    n_prompt = len(templated(prompt, add_special_tokens=False)["input_ids"])
+    assert ex["labels"][:n_prompt] == [-100] * n_prompt
+    assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
+    assert templated.decode(ex["labels"][n_prompt:-1]) == "A low-rank update."
+
+
+def test_cuda_path_builds_the_usual_qlora_configuration(data, tmp_path):
+    """The GPU path cannot run here; its settings are checked, and the CPU twin is built for real."""
+    cfg = data.train.model_copy(update={"compute_dtype": "bfloat16"})
+    gpu = train.training_kwargs(cfg, tmp_path, cuda=True)
+    assert gpu["optim"] == "paged_adamw_8bit" and gpu["bf16"] and not gpu["fp16"] and not gpu["use_cpu"]
+    assert gpu["gradient_checkpointing"] and gpu["report_to"] == "none"
+    cpu = train.training_arguments(cfg, tmp_path, cuda=False)
+    assert cpu.optim == "adamw_torch" and not cpu.bf16 and cpu.use_cpu
+    assert {k: v for k, v in gpu.items() if k not in ("optim", "bf16", "fp16", "use_cpu")} == \
+        {k: v for k, v in train.training_kwargs(cfg, tmp_path, cuda=False).items()
+         if k not in ("optim", "bf16", "fp16", "use_cpu")}
