@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from tasks.common import PipelineError, atomic_dir, logger, run_stage, sha256_bytes, write_json
 from tasks.params import ModelParams, Paths
@@ -29,8 +31,6 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 def build_tokenizer(corpus: Path, vocab_size: int):
     """Byte-level BPE (the GPT-2/Llama-3 scheme: any byte sequence is encodable) trained on a fixed corpus."""
-    from transformers import PreTrainedTokenizerFast
-
     files = sorted(str(p) for p in corpus.rglob("*") if p.is_file() and p.suffix in (".md", ".txt"))
     if not files:
         raise PipelineError(f"no .md/.txt files under {corpus} to train the builtin tokenizer on")
@@ -48,8 +48,6 @@ def build_tokenizer(corpus: Path, vocab_size: int):
 
 
 def build_tiny_llama(model: ModelParams, paths: Paths, out: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tiny = model.tiny
     tokenizer = build_tokenizer(paths.tokenizer_corpus, tiny.vocab_size)
     config = LlamaConfig(
@@ -78,8 +76,6 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def run(model: ModelParams, paths: Paths) -> dict:
-    from transformers import AutoConfig, AutoTokenizer
-
     out = Path(paths.base_model)
     with atomic_dir(out) as staging:
         if model.name == BUILTIN:
@@ -124,8 +120,6 @@ def describe(base_dir: str | Path) -> dict:
 
 @lru_cache(maxsize=4)
 def load_tokenizer(base_dir: str | Path):
-    from transformers import AutoTokenizer
-
     info = describe(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(info["load_from"], revision=info["revision"])
     if tokenizer.pad_token is None:  # many Hub causal LMs ship without one
@@ -135,8 +129,6 @@ def load_tokenizer(base_dir: str | Path):
 
 def load_model(base_dir: str | Path, quantization: str, compute_dtype: str):
     """The base model for training or inference, quantised as in `train.quantization`."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     info = describe(base_dir)
     dtype = getattr(torch, compute_dtype)
     kwargs: dict = {"revision": info["revision"], "dtype": dtype}

@@ -22,6 +22,8 @@ import torch
 from prefect import task
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
+from peft import PeftModel
+from transformers import AutoTokenizer
 
 from tasks.base_model import describe, load_model
 from tasks.common import (CACHE, PipelineError, atomic_write, dir_hash, logger, map_cached, read_json, read_jsonl,
@@ -40,9 +42,6 @@ HELD_OUT = "heldout"
 @lru_cache(maxsize=2)
 def load_finetuned(adapter_dir: str, base_dir: str, adapter_hash: str):
     """(PeftModel, tokenizer, meta, lock) — one copy per process; base answers come from disable_adapter()."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
     meta_path = Path(adapter_dir) / META
     if not meta_path.exists():
         raise PipelineError(f"no adapter in {adapter_dir}: train one first (dvc repro train)")

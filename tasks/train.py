@@ -23,7 +23,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from datasets import load_dataset
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from prefect import task
+from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
+                          TrainingArguments)
+from transformers.trainer_utils import get_last_checkpoint
 
 from tasks.base_model import describe, load_model, load_tokenizer
 from tasks.common import (PipelineError, atomic_dir, atomic_write, content_hash, logger, read_json, read_jsonl,
@@ -62,16 +67,12 @@ def encode(row: dict, tokenizer, cfg: TrainParams) -> dict:
 
 
 def load_split(path: Path, tokenizer, cfg: TrainParams):
-    from datasets import load_dataset
-
     ds = load_dataset("json", data_files=str(path), split="train")
     return ds.map(encode, fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, remove_columns=ds.column_names,
                   desc=f"tokenize {path.name}")
 
 
 def collator(tokenizer, packing: bool):
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
-
     if packing:
         return DataCollatorWithFlattening()
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -81,8 +82,6 @@ def collator(tokenizer, packing: bool):
 
 
 def lora_model(base_dir: Path, cfg: TrainParams):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     model = load_model(base_dir, cfg.quantization, cfg.compute_dtype)
     # No KV cache while training: with one, transformers skips the packed-sequence mask, and the eval loss on a
     # flattened batch would let examples attend to each other.
@@ -99,8 +98,6 @@ def lora_model(base_dir: Path, cfg: TrainParams):
 
 
 def training_arguments(cfg: TrainParams, output_dir: Path, cuda: bool):
-    from transformers import TrainingArguments
-
     return TrainingArguments(**training_kwargs(cfg, output_dir, cuda))
 
 
@@ -138,8 +135,6 @@ def training_kwargs(cfg: TrainParams, output_dir: Path, cuda: bool) -> dict:
 
 
 def make_callback(mlflow, rows: list[dict]):
-    from transformers import TrainerCallback
-
     class MLflowLossCallback(TrainerCallback):
         """Log train/eval loss per step into our MLflow run, and keep them for the loss curve."""
 
@@ -186,9 +181,6 @@ def skip_reason(cfg: TrainParams, paths: Paths, key: dict, train_ids: list[str])
 
 @task(name="train")
 def train_adapter(cfg: TrainParams, mlflow_cfg: MLflowParams, paths: Paths, record: dict, key: dict) -> dict:
-    from transformers import Trainer
-    from transformers.trainer_utils import get_last_checkpoint
-
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(paths.base_model)
     train_ds = load_split(Path(paths.train_split), tokenizer, cfg)
