@@ -60,3 +60,53 @@ def fresh_cache(tmp_path):
 def in_flow(fn, *args, **kwargs):
     """Run a stage function inside a Prefect flow (stages fan out with task.submit, which needs one)."""
     return flow(name="test-stage")(fn)(*args, **kwargs)
+
+
+def write_params(p: Params, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc=None) -> None:
+    """Poll a local URL until it answers 200 (servers here take 5-15 s to start)."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def start(cmd: list[str], log: Path, **kwargs):
+    """Start a server in its own process group (stopped by `stop`), logging to a file."""
+    import subprocess
+
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+def stop(proc) -> None:
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # `serve` and some servers ignore SIGTERM while shutting down
+        proc.wait(timeout=30)

@@ -19,7 +19,7 @@ def dvc_stages() -> dict:
 def flow_calls() -> list[tuple[str, list[str]]]:
     """(module, [params sections passed]) for each `<module>.run(p.<section>, ...)` in the pipeline flow, in order."""
     tree = ast.parse((ROOT / "flows" / "pipeline.py").read_text())
-    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "pipeline")
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "stages")
     calls = []
     for node in ast.walk(fn):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "run":
