@@ -142,12 +142,19 @@ def load_model(base_dir: str | Path, quantization: str, compute_dtype: str):
     elif quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if torch.cuda.is_available():
-        # Under `accelerate launch` (DDP) each process holds a whole quantised copy on its own GPU.
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if "WORLD_SIZE" in os.environ else "auto"
+        kwargs["device_map"] = device_map()
     model = AutoModelForCausalLM.from_pretrained(info["load_from"], **kwargs)
     if quantization == "4bit" and not torch.cuda.is_available():
         disable_cpu_4bit_repacking(model)
     return model
+
+
+def device_map() -> dict | str:
+    """Under `accelerate launch` (DDP) each process holds a whole quantised copy on its own GPU; alone, spread
+    the model over the visible GPUs."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return "auto"
 
 
 def disable_cpu_4bit_repacking(model) -> int:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -134,9 +135,9 @@ def training_kwargs(cfg: TrainParams, output_dir: Path, cuda: bool) -> dict:
     )
 
 
-def make_callback(mlflow, rows: list[dict]):
+def make_callback(mlflow):
     class MLflowLossCallback(TrainerCallback):
-        """Log train/eval loss per step into our MLflow run, and keep them for the loss curve."""
+        """Log train/eval loss per step into our MLflow run, live (the UI shows a run while it trains)."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
@@ -145,7 +146,6 @@ def make_callback(mlflow, rows: list[dict]):
             if metrics:
                 mlflow.log_metrics({("train_loss" if k == "loss" else k): v for k, v in metrics.items()},
                                    step=state.global_step)
-                rows.append({"step": state.global_step, **metrics})
 
     return MLflowLossCallback()
 
@@ -200,24 +200,28 @@ def train_adapter(cfg: TrainParams, mlflow_cfg: MLflowParams, paths: Paths, reco
     trainable, total = model.get_nb_trainable_parameters()
     tags = {"qa_dataset_hash": record["qa_dataset_hash"], "train_hash": key["train_hash"],
             "base_model": key["base_model"]["name"], "base_model_revision": str(key["base_model"]["revision"])}
-    with start_run(mlflow_cfg, run_id=run_id, run_name="papertune", tags=tags) as (mlflow, run):
-        if not resume:
+    # Under `accelerate launch` every rank runs this; only rank 0 records and saves.
+    main = int(os.environ.get("RANK", 0)) == 0
+    tracking = start_run(mlflow_cfg, run_id=run_id, run_name="papertune", tags=tags) if main else nullcontext((None, None))
+    with tracking as (mlflow, run):
+        if main and not resume:
             mlflow.log_params(record["params"])
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             write_json(ckpt_meta, {"run_key": key["key"], "mlflow_run_id": run.info.run_id})
-        rows: list[dict] = []
         trainer = Trainer(
             model=model,
             args=training_arguments(cfg, ckpt_dir, cuda),
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             data_collator=collator(tokenizer, cfg.packing),
-            callbacks=[make_callback(mlflow, rows)],
+            callbacks=[make_callback(mlflow)] if main else [],
         )
         if resume:
             logger().info(f"train: resuming from {resume}")
         result = trainer.train(resume_from_checkpoint=resume)
         final_eval = trainer.evaluate()
+        if not main:
+            return {}
         metrics = {"train_loss": result.training_loss, "eval_loss": final_eval["eval_loss"],
                    "steps": trainer.state.global_step, "trainable_params": trainable, "total_params": total,
                    "train_examples": len(train_ds), "eval_examples": len(eval_ds),

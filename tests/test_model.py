@@ -88,8 +88,8 @@ def test_train_loss_falls_and_adapter_reloads_identically(data, tmp_path):
 def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
     original = train.make_callback
 
-    def crashing(mlflow, rows):
-        callback = original(mlflow, rows)
+    def crashing(mlflow):
+        callback = original(mlflow)
 
         def on_step_end(args, state, control, **kwargs):
             if state.global_step == 15:

@@ -1,0 +1,53 @@
+"""Scale-out: the data half on a Dask cluster matches the default runner; training is ready for DDP."""
+
+import pytest
+from prefect import flow
+
+from tasks import base_model, chunk, ingest, qa, train
+from tasks.common import read_json, task_runner
+from tests.conftest import make_params
+
+pytestmark = pytest.mark.slow
+
+
+def data_half(p) -> None:
+    ingest.run(p.ingest, p.paths)
+    base_model.run(p.model, p.paths)
+    chunk.run(p.chunk, p.paths)
+    qa.run(p.qa, p.paths)
+
+
+def test_dask_local_cluster_gives_the_same_qa_dataset(tmp_path, monkeypatch, caplog):
+    threads = make_params(tmp_path / "threads")
+    dask = make_params(tmp_path / "dask", runner={"kind": "dask", "max_workers": 2, "dask_address": None})
+    flow(name="data-threads", task_runner=task_runner(threads.runner))(data_half)(threads)
+    # The Dask workers (separate processes, started by the flow) must really compute, not read the cache.
+    monkeypatch.setenv("PREFECT_TASKS_REFRESH_CACHE", "true")
+    with caplog.at_level("INFO"):
+        flow(name="data-dask", task_runner=task_runner(dask.runner))(data_half)(dask)
+    assert any(m.startswith("ingest: 8 computed, 0 from cache") for m in caplog.messages)
+    assert any(m.startswith("qa (extractive):") and ", 0 from cache" in m for m in caplog.messages)
+    a, b = read_json(threads.paths.qa_report), read_json(dask.paths.qa_report)
+    assert a["kept"] > 100 and a["dataset_hash"] == b["dataset_hash"]
+    assert threads.paths.chunks.read_text() == dask.paths.chunks.read_text()
+
+
+def test_train_stage_is_ready_for_a_multi_gpu_launch(tmp_path, monkeypatch):
+    """`accelerate launch --multi_gpu --num_processes 2 -m tasks.train`, checked without starting it."""
+    from accelerate.commands.launch import launch_command_parser
+
+    args = launch_command_parser().parse_args(
+        ["--multi_gpu", "--num_processes", "2", "-m", "tasks.train", "--params", "params.yaml"])
+    assert args.multi_gpu and args.num_processes == 2 and args.module and args.training_script == "tasks.train"
+    assert args.training_script_args == ["--params", "params.yaml"]  # the stage's own CLI passes through
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert base_model.device_map() == {"": 1}  # each rank holds its own 4-bit copy on its own GPU
+    p = make_params(tmp_path)
+    kwargs = train.training_kwargs(p.train, tmp_path, cuda=True)
+    # DDP with gradient checkpointing needs non-reentrant checkpointing and no unused-parameter search.
+    assert kwargs["ddp_find_unused_parameters"] is False
+    assert kwargs["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert base_model.device_map() == "auto"
