@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP_INSTALL) 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import torch, prefect, peft, mlflow, dvc" # fail here, not mid-pipeline, if the install broke
+	$(BIN)/python -c "import tasks.train, tasks.evaluate, flows.pipeline, dvc" # fail here, not mid-pipeline
 	touch $@
 
 install: $(STAMP)

@@ -123,19 +123,32 @@ def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
     assert again["skipped"] == "QA dataset and training params unchanged"
 
 
-def test_evaluate_reports_rouge_for_both_models(data):
+def test_evaluate_reports_rouge_for_both_models(data, tmp_path):
     if not data.paths.adapter.exists():
         pytest.skip("needs the adapter of test_train_stage_resumes_after_interruption")
-    report = in_flow(evaluate.run, data.evaluate.model_copy(update={"max_examples": 12, "max_new_tokens": 16}),
-                     data.mlflow, data.paths)
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("".join(json.dumps({"question": f"What does LoRA freeze? ({i})",
+                                        "answer": "The pre-trained weights."}) + "\n" for i in range(3)))
+    cfg = data.evaluate.model_copy(update={"max_examples": 12, "max_new_tokens": 16, "gold_sets": {"gold": gold}})
+    report = in_flow(evaluate.run, cfg, data.mlflow, data.paths)
+    # A gold set without contexts is reported under its own key, closed-book only.
+    assert set(report["gold"]) == {"closed_book"} and report["gold"]["closed_book"]["base"]["n"] == 3
+    report = {k: v for k, v in report.items() if k != "gold"}
     for mode in ("closed_book", "open_book"):
         for model in ("base", "finetuned"):
             r = report[mode][model]
             assert r["n"] == 12 and 0 <= r["rougeL_ci95"][0] <= r["rougeL"] <= r["rougeL_ci95"][1] <= 1
             assert set(r) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "rougeL_ci95", "n"}
     rows = read_jsonl(data.paths.predictions)
-    assert len(rows) == 24 and {"question", "reference", "base_answer", "finetuned_answer"} <= set(rows[0])
-    assert json.loads(data.paths.eval_metrics.read_text()) == report
+    assert len(rows) == 24 + 3 and {"question", "reference", "base_answer", "finetuned_answer"} <= set(rows[0])
+    assert {k: v for k, v in json.loads(data.paths.eval_metrics.read_text()).items() if k != "gold"} == report
+
+
+def test_model_that_cannot_be_found_offline_is_one_line(tmp_path):
+    p = make_params(tmp_path, model={"name": "no-such-org/no-such-model"})
+    with pytest.raises(PipelineError, match="no-such-org/no-such-model.*cannot be loaded.*local folder"):
+        base_model.run(p.model, p.paths)
+    assert not p.paths.base_model.exists()  # nothing half-written
 
 
 def test_missing_adapter_is_one_line(tmp_path):
