@@ -135,8 +135,9 @@ def plot(flat: dict, path: Path) -> None:
         ci = res["finetuned"]["rougeL_ci95"]
         ax.errorbar(2.2, res["finetuned"]["rougeL"], yerr=[[res["finetuned"]["rougeL"] - ci[0]],
                                                            [ci[1] - res["finetuned"]["rougeL"]]], color="k", capsize=3)
-        ax.set(xticks=x, xticklabels=METRICS, title=name, ylabel="F1")
-        ax.legend()
+        top = max(max(res[m][k] for k in METRICS) for m in ("base", "finetuned"))
+        ax.set(xticks=x, xticklabels=METRICS, title=name, ylabel="F1", ylim=(0, max(top, ci[1]) * 1.3 + 1e-6))
+        ax.legend(loc="upper right", ncols=2)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)

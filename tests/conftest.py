@@ -110,3 +110,10 @@ def stop(proc) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)  # `serve` and some servers ignore SIGTERM while shutting down
         proc.wait(timeout=30)
+
+
+def pytest_unconfigure(config):
+    # Prefect stops its temporary server at interpreter exit and logs it to a stream pytest has closed by then.
+    import logging
+
+    logging.getLogger("prefect.server.api.server").setLevel(logging.WARNING)
