@@ -5,8 +5,9 @@ Run:  python benchmarks/train.py [--params params.yaml] [--steps 20] [--skip-mem
 1. Throughput: the pipeline's training (padding-free packed batches, loss on answer tokens only) against a plain
    HF Trainer recipe (every example padded to max_seq_length, loss on every token), same data, same 4-bit
    tiny model, same steps. Reported as real (non-pad) tokens per second.
-2. Peak memory: LoRA training of a 0.5B-parameter-shaped random Llama (Qwen2.5-0.5B's shape; built here,
-   nothing downloaded) with the base in 4-bit NF4 vs in bf16, each in its own process (peak RSS).
+2. Memory: LoRA training of a 0.5B-parameter-shaped random Llama (Qwen2.5-0.5B's shape; built here,
+   nothing downloaded) with the base in 4-bit NF4 vs in bf16 (both with bf16 compute), each in its own
+   process: the weights' footprint, the peak RSS while loading, and the peak RSS while training.
 Needs the pipeline's base model and split: run `dvc repro split` first.
 """
 
@@ -60,24 +61,35 @@ def throughput(p, steps: int, packed: bool) -> dict:
     seconds = time.perf_counter() - start
     batches = [collate([ds[i] for i in range(j, min(j + cfg.per_device_train_batch_size, len(ds)))])
                for j in range(0, len(ds), cfg.per_device_train_batch_size)]
-    per_step = sum(int((b["labels"] != -100).sum()) if packed else int(b["attention_mask"].sum()) for b in batches)
+    # Real tokens = prompt + answer tokens fed to the model; a packed row has no padding at all.
+    per_step = sum(b["input_ids"].numel() if packed else int(b["attention_mask"].sum()) for b in batches)
     real_tokens = per_step / len(batches) * steps
     return {"seconds": seconds, "real_tokens_per_s": real_tokens / seconds}
 
 
+def _rss_mb(field: str) -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
 def peak_memory_child(model_dir: str, quantization: str) -> None:
-    """In a fresh process: LoRA-train 3 steps and print peak RSS (MB)."""
+    """In a fresh process: load, then LoRA-train 3 steps; print resident memory after loading and the peak
+    while training (the peak is reset after loading through /proc/self/clear_refs)."""
     p = load_params()
-    cfg = p.train.model_copy(update={"quantization": quantization,
-                                     "compute_dtype": "bfloat16" if quantization == "none" else "float32"})
+    # bf16 compute for both, so that only the storage of the frozen base differs.
+    cfg = p.train.model_copy(update={"quantization": quantization, "compute_dtype": "bfloat16"})
     model = train.lora_model(Path(model_dir), cfg)
+    # Weights as held by the model (RSS after loading would undercount bf16: safetensors stay memory-mapped).
+    loaded = model.get_memory_footprint() / 2**20
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=1e-4)
     ids = torch.randint(0, HALF_B["vocab_size"], (4, 256))
     for _ in range(3):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"loaded_mb": loaded, "load_peak_mb": load_peak, "train_peak_mb": _rss_mb("VmHWM")}))
 
 
 def peak_memory() -> dict:
@@ -94,7 +106,7 @@ def peak_memory() -> dict:
     for quantization, label in (("4bit", "4bit_nf4"), ("none", "bf16")):
         r = subprocess.run([sys.executable, __file__, "--child", str(folder), quantization],
                            capture_output=True, text=True, check=True)
-        out[label] = json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+        out[label] = json.loads(r.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -115,10 +127,15 @@ def main() -> None:
     print(f"  ratio pipeline / baseline:           {packed['real_tokens_per_s'] / padded['real_tokens_per_s']:8.2f}x")
     if not args.skip_memory:
         mem = peak_memory()
-        print(f"peak memory, LoRA on a {mem['params_millions']}M-parameter random Llama (3 steps, batch 4 x 256)")
-        print(f"  base in 4-bit NF4: {mem['4bit_nf4']:8.0f} MB")
-        print(f"  base in bf16:      {mem['bf16']:8.0f} MB")
-        print(f"  ratio 4-bit / bf16: {mem['4bit_nf4'] / mem['bf16']:7.2f}x")
+        print(f"memory (RSS), LoRA on a {mem['params_millions']}M-parameter random Llama, bf16 compute, "
+              f"3 steps of batch 4 x 256")
+        print(f"  {'':18}{'weights':>12}{'load peak':>12}{'train peak':>12}")
+        for label in ("4bit_nf4", "bf16"):
+            m = mem[label]
+            print(f"  {label:<18}{m['loaded_mb']:>9.0f} MB{m['load_peak_mb']:>9.0f} MB{m['train_peak_mb']:>9.0f} MB")
+        for key in ("loaded_mb", "train_peak_mb"):
+            name = {"loaded_mb": "weights", "train_peak_mb": "train peak RSS"}[key]
+            print(f"  ratio 4-bit / bf16, {name}: {mem['4bit_nf4'][key] / mem['bf16'][key]:.2f}x")
 
 
 if __name__ == "__main__":
