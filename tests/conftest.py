@@ -57,6 +57,23 @@ def fresh_cache(tmp_path):
         yield tmp_path / "prefect-results"
 
 
+DATA_STAGES = ("ingest", "base_model", "chunk", "qa", "split")
+
+
+def data_half(p: Params, through: str = "split") -> Params:
+    """The stages from ingest through `through`, in one Prefect flow on the task runner chosen in `p.runner`."""
+    import importlib
+
+    from tasks.common import call_stage, task_runner
+
+    def stages() -> None:
+        for name in DATA_STAGES[: DATA_STAGES.index(through) + 1]:
+            call_stage(importlib.import_module(f"tasks.{name}").run, p)
+
+    flow(name="test-data-half", task_runner=task_runner(p.runner))(stages)()
+    return p
+
+
 def in_flow(fn, *args, **kwargs):
     """Run a stage function inside a Prefect flow (stages fan out with task.submit, which needs one)."""
     return flow(name="test-stage")(fn)(*args, **kwargs)
@@ -116,4 +133,4 @@ def pytest_unconfigure(config):
     # Prefect stops its temporary server at interpreter exit and logs it to a stream pytest has closed by then.
     import logging
 
-    logging.getLogger("prefect.server.api.server").setLevel(logging.WARNING)
+    logging.getLogger("prefect").setLevel(logging.WARNING)  # the server logger is prefect's root logger

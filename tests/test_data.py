@@ -7,18 +7,13 @@ import pytest
 
 from tasks import base_model, chunk, ingest, qa, split
 from tasks.common import PipelineError, read_json, read_jsonl
-from tests.conftest import SAMPLE_PDFS, in_flow, make_params
+from tests.conftest import SAMPLE_PDFS, data_half, in_flow, make_params
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The sample corpus through ingest, base_model, chunk, qa and split, once for this module."""
-    tmp = tmp_path_factory.mktemp("data")
-    p = make_params(tmp)
-    for stage, args in ((ingest, (p.ingest, p.paths)), (base_model, (p.model, p.paths)), (chunk, (p.chunk, p.paths)),
-                        (qa, (p.qa, p.paths)), (split, (p.split, p.paths))):
-        in_flow(stage.run, *args)
-    return p
+    return data_half(make_params(tmp_path_factory.mktemp("data")))
 
 
 def test_builtin_model_loads_with_from_pretrained_and_fits_bitsandbytes(data):

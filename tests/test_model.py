@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import base_model, chunk, evaluate, ingest, qa, split, train
+from tasks import base_model, evaluate, train
 from tasks.common import PipelineError, read_json, read_jsonl
-from tests.conftest import in_flow, make_params
+from tests.conftest import data_half, in_flow, make_params
 
 pytestmark = pytest.mark.slow
 FAST = dict(max_steps=30, logging_steps=5, eval_steps=10, save_steps=10, per_device_train_batch_size=4)
@@ -16,12 +16,7 @@ FAST = dict(max_steps=30, logging_steps=5, eval_steps=10, save_steps=10, per_dev
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("model")
-    p = make_params(tmp, train=FAST)
-    for stage, args in ((ingest, (p.ingest, p.paths)), (base_model, (p.model, p.paths)), (chunk, (p.chunk, p.paths)),
-                        (qa, (p.qa, p.paths)), (split, (p.split, p.paths))):
-        in_flow(stage.run, *args)
-    return p
+    return data_half(make_params(tmp_path_factory.mktemp("model"), train=FAST))
 
 
 def batch(p, n=4):

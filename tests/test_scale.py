@@ -1,30 +1,22 @@
 """Scale-out: the data half on a Dask cluster matches the default runner; training is ready for DDP."""
 
 import pytest
-from prefect import flow
 
-from tasks import base_model, chunk, ingest, qa, train
-from tasks.common import read_json, task_runner
-from tests.conftest import make_params
+from tasks import base_model, train
+from tasks.common import read_json
+from tests.conftest import data_half, make_params
 
 pytestmark = pytest.mark.slow
-
-
-def data_half(p) -> None:
-    ingest.run(p.ingest, p.paths)
-    base_model.run(p.model, p.paths)
-    chunk.run(p.chunk, p.paths)
-    qa.run(p.qa, p.paths)
 
 
 def test_dask_local_cluster_gives_the_same_qa_dataset(tmp_path, monkeypatch, caplog):
     threads = make_params(tmp_path / "threads")
     dask = make_params(tmp_path / "dask", runner={"kind": "dask", "max_workers": 2, "dask_address": None})
-    flow(name="data-threads", task_runner=task_runner(threads.runner))(data_half)(threads)
+    data_half(threads, through="qa")
     # The Dask workers (separate processes, started by the flow) must really compute, not read the cache.
     monkeypatch.setenv("PREFECT_TASKS_REFRESH_CACHE", "true")
     with caplog.at_level("INFO"):
-        flow(name="data-dask", task_runner=task_runner(dask.runner))(data_half)(dask)
+        data_half(dask, through="qa")  # the flow's task runner comes from params: a Dask LocalCluster
     assert any(m.startswith("ingest: 8 computed, 0 from cache") for m in caplog.messages)
     assert any(m.startswith("qa (extractive):") and ", 0 from cache" in m for m in caplog.messages)
     a, b = read_json(threads.paths.qa_report), read_json(dask.paths.qa_report)
