@@ -29,6 +29,19 @@ class PipelineError(Exception):
     """A failure the user can fix (bad input, missing file): shown as one line, not a traceback."""
 
 
+class _OneLinePipelineErrors(logging.Filter):
+    """Prefect logs a failed flow or task run with its traceback; for a PipelineError the message is the news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PipelineError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_name).addFilter(_OneLinePipelineErrors())
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 

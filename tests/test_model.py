@@ -146,10 +146,19 @@ def test_model_that_cannot_be_found_offline_is_one_line(tmp_path):
     assert not p.paths.base_model.exists()  # nothing half-written
 
 
-def test_missing_adapter_is_one_line(tmp_path):
+def test_missing_adapter_is_one_line_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, write_params
+
     p = make_params(tmp_path)
     with pytest.raises(PipelineError, match="no adapter in .*train one first"):
         evaluate.run(p.evaluate, p.mlflow, p.paths)
+    r = subprocess.run([sys.executable, "-m", "tasks.evaluate", "--params", str(write_params(p, tmp_path / "p.yaml"))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert f"error: evaluate: no adapter in {p.paths.adapter}: train one first" in r.stderr
 
 
 def test_chat_template_prompt_masks_everything_but_the_answer(data):
