@@ -43,3 +43,33 @@ def test_train_stage_is_ready_for_a_multi_gpu_launch(tmp_path, monkeypatch):
     assert kwargs["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert base_model.device_map() == "auto"
+
+
+def test_retraining_threshold_on_changed_training_pairs(tmp_path):
+    """Scheduled runs retrain only when enough of the training data changed (train.min_changed_fraction)."""
+    from tasks.common import write_json
+
+    p = make_params(tmp_path, train={"min_changed_fraction": 0.2})
+    base = {"name": "builtin:tiny-llama", "revision": None, "tokenizer_hash": "t"}
+    old_ids = [f"pair{i}" for i in range(100)]
+    write_json(p.paths.adapter / train.META, {"run_key": "old", "train_params": p.train.model_dump(mode="json"),
+                                              "base_model": base, "train_pair_ids": old_ids})
+    key = {"key": "new", "base_model": base}
+    assert train.skip_reason(p.train, p.paths, {**key, "key": "old"}, old_ids) == \
+        "QA dataset and training params unchanged"
+    few_new = old_ids[:95] + [f"new{i}" for i in range(5)]  # 10 of 105 ids differ: 9.5%
+    assert train.skip_reason(p.train, p.paths, key, few_new).startswith("only 9.5% of training pairs changed")
+    many_new = old_ids[:60] + [f"new{i}" for i in range(40)]
+    assert train.skip_reason(p.train, p.paths, key, many_new) is None
+    other_params = p.train.model_copy(update={"learning_rate": 1e-4, "min_changed_fraction": 0.2})
+    assert train.skip_reason(other_params, p.paths, key, few_new) is None  # new params always retrain
+
+
+def test_make_serve_uses_the_deployment_of_prefect_yaml():
+    from flows.pipeline import pipeline
+    from flows.serve import nightly
+
+    d = nightly()
+    deployment = pipeline.to_deployment(name=d["name"], cron=d["schedules"][0]["cron"], parameters=d["parameters"])
+    assert deployment.name == "nightly" and deployment.parameters == {"params_file": "params.yaml", "pdf_dir": None}
+    assert deployment.schedules[0].schedule.cron == "0 3 * * *"
