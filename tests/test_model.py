@@ -188,3 +188,22 @@ def test_cuda_path_builds_the_usual_qlora_configuration(data, tmp_path):
     assert {k: v for k, v in gpu.items() if k not in ("optim", "bf16", "fp16", "use_cpu")} == \
         {k: v for k, v in train.training_kwargs(cfg, tmp_path, cuda=False).items()
          if k not in ("optim", "bf16", "fp16", "use_cpu")}
+
+
+def test_8bit_base_trains_too(data):
+    import bitsandbytes as bnb
+
+    cfg = data.train.model_copy(update={"quantization": "8bit"})
+    torch.manual_seed(0)
+    model = train.lora_model(data.paths.base_model, cfg)
+    assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) == 7 * data.model.tiny.num_hidden_layers
+    inputs = batch(data)
+    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses  # one batch, repeated: LoRA over int8 weights fits it
