@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import PeftModel
 from prefect import task
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
-from peft import PeftModel
 from transformers import AutoTokenizer
 
 from tasks.base_model import describe, load_model
@@ -39,13 +39,18 @@ HELD_OUT = "heldout"
 # ---------------------------------------------------------------------------------------------- models
 
 
+def adapter_meta(adapter_dir: str | Path) -> dict:
+    """How the adapter was made and how to prompt it; a one-line error when there is no adapter yet."""
+    path = Path(adapter_dir) / META
+    if not path.exists():
+        raise PipelineError(f"no adapter in {adapter_dir}: train one first (dvc repro train)")
+    return read_json(path)
+
+
 @lru_cache(maxsize=2)
 def load_finetuned(adapter_dir: str, base_dir: str, adapter_hash: str):
     """(PeftModel, tokenizer, meta, lock) — one copy per process; base answers come from disable_adapter()."""
-    meta_path = Path(adapter_dir) / META
-    if not meta_path.exists():
-        raise PipelineError(f"no adapter in {adapter_dir}: train one first (dvc repro train)")
-    meta = read_json(meta_path)
+    meta = adapter_meta(adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     tokenizer.padding_side = "left"  # decoder-only batched generation: prompts end where generation starts
     if tokenizer.pad_token is None:
@@ -147,9 +152,7 @@ def plot(flat: dict, path: Path) -> None:
 
 def run(evaluate: EvaluateParams, mlflow: MLflowParams, paths: Paths) -> dict:
     adapter_dir, base_dir = str(paths.adapter), str(paths.base_model)
-    if not (Path(adapter_dir) / META).exists():
-        raise PipelineError(f"no adapter in {adapter_dir}: train one first (dvc repro train)")
-    meta = read_json(Path(adapter_dir) / META)
+    meta = adapter_meta(adapter_dir)
     adapter_hash, base_hash = dir_hash(adapter_dir), describe(base_dir)["tokenizer_hash"] + meta["run_key"]
 
     flat: dict[str, dict] = {}  # "closed_book" for the held-out split, "<gold set>/<mode>" for gold sets
