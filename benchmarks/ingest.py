@@ -2,9 +2,11 @@
 of a bare PyMuPDF `page.get_text()` loop over the same PDFs in the same run, their ratio, and of the whole stage
 once through a Prefect flow (hashing, fan-out, result persistence; the temporary server's start not counted).
 
-Run:  python benchmarks/ingest.py [--pdf-dir DIR] [--repeat N] [--params FILE] [--no-flow]
+Run:  python benchmarks/ingest.py [--pdf-dir DIR] [--repeat N] [--params FILE] [--no-flow] [--find-tables]
 Target: extraction >= 0.3x the bare loop (FACTS.md: get_text() ~290 pages/s, get_text("dict") ~95 on real papers),
 so each page must be extracted only once. Figures also go to benchmarks/out/ingest.json.
+--find-tables also times PyMuPDF's `page.find_tables()` on the pages that carry a "Table N" caption (the only pages
+where ingest looks for tables), against the whole extraction: why ingest finds tables from the layout instead.
 """
 
 from __future__ import annotations
@@ -48,6 +50,24 @@ def ingest_loop(files: list[Path], hashes: list[str], cfg) -> int:
     return pages
 
 
+def find_tables_cost(files: list[Path]) -> tuple[int, int, float]:
+    """Pages with a table caption, tables found there by page.find_tables(), seconds spent in find_tables."""
+    from tasks.pdf.cleanup import TABLE_CAPTION_RE
+
+    pages = tables = 0
+    spent = 0.0
+    for f in files:
+        with pymupdf.open(f) as doc:
+            for page in doc:
+                if not any(TABLE_CAPTION_RE.match(ln.strip()) for ln in page.get_text().splitlines()):
+                    continue
+                t = time.perf_counter()
+                tables += len(page.find_tables().tables)
+                spent += time.perf_counter() - t
+                pages += 1
+    return pages, tables, spent
+
+
 def timed(fn, *args) -> tuple[int, float]:
     t = time.perf_counter()
     pages = fn(*args)
@@ -74,6 +94,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="passes over the corpus per measurement (default 5)")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--no-flow", action="store_true", help="skip the run through a Prefect flow")
+    parser.add_argument("--find-tables", action="store_true", help="also time page.find_tables() on caption pages")
     args = parser.parse_args()
 
     params = load_params(args.params)
@@ -100,6 +121,14 @@ def main() -> None:
     print(f"  bare page.get_text() loop       {bare_rate:8.1f} pages/s")
     print(f"  ingest extraction (per PDF)     {ours_rate:8.1f} pages/s   {ours_rate / bare_rate:.2f}x bare "
           f"(target >= 0.30x)")
+    if args.find_tables:
+        pages, tables, spent = find_tables_cost(files)
+        per_pass = ours_s / args.repeat
+        figures.update(find_tables_pages=pages, find_tables_found=tables, find_tables_s=round(spent, 1),
+                       find_tables_s_per_page=round(spent / max(1, pages), 3))
+        print(f"  page.find_tables() on the {pages} pages with a 'Table N' caption: {spent:.1f} s "
+              f"({spent / max(1, pages):.2f} s/page, {tables} tables) = {spent / per_pass:.0f}x the whole "
+              f"ingest extraction ({per_pass:.1f} s)")
     if not args.no_flow:
         with tempfile.TemporaryDirectory() as out:
             pages, s = through_flow(params, Path(out))

@@ -17,7 +17,15 @@ be tested against realistic quirks:
 * fi/fl ligature characters (U+FB01/U+FB02) in body text;
 * inline maths with Greek letters from the Symbol font, sub/superscripts;
 * a "References" section in a smaller font, optionally followed by
-  appendix sections.
+  appendix sections, optionally opened by their own table of contents
+  (``toc: yes``: a "Contents" line, entries with dot leaders and page
+  numbers, as LaTeX's \\tableofcontents sets them);
+* ``template: iclr``: the ICLR look -- title in capitals broken at a hyphen
+  (``title_break: LAN-GUAGE`` marks where), section headings in capitals at
+  about body size, not bold, emulated small caps, the number set apart from
+  the title on the same baseline ("1    INTRODUCTION");
+* ``outline: yes``: a PDF outline (bookmarks, as hyperref writes them): one
+  entry per heading, title without its number, pointing at the heading.
 
 Source markup (``src/*.md``)
 ----------------------------
@@ -437,6 +445,55 @@ def parse_source(path: Path) -> dict:
 # --------------------------------------------------------------------------
 # Flowable construction
 # --------------------------------------------------------------------------
+class OutlinedParagraph(Paragraph):
+    """A heading that also writes a PDF outline entry pointing at itself (as hyperref does)."""
+
+    def __init__(self, text, style, outline_title: str, level: int) -> None:
+        super().__init__(text, style)
+        self.outline_title, self.level = outline_title, level
+
+    def draw(self) -> None:
+        key = f"h{id(self)}"
+        self.canv.bookmarkHorizontal(key, 0, self.height + 4)
+        self.canv.addOutlineEntry(self.outline_title, key, level=self.level - 1, closed=False)
+        super().draw()
+
+
+def small_caps(text: str, size: float) -> str:
+    """Capitals with emulated small caps: each word's first letter at `size`, the rest at 80% of it."""
+    out = []
+    for word in _esc(text).split(" "):
+        out.append(f"{word[:1].upper()}<font size=\"{size * 0.8:.1f}\">{word[1:].upper()}</font>" if word[1:]
+                   else word.upper())
+    return " ".join(out)
+
+
+def iclr_heading(number: str, title: str, kind: str, width: float) -> Table:
+    """ICLR-style heading: number and capitalised title as two text objects on one baseline."""
+    size = 11.4 if kind == "h1" else 9.5
+    style = ParagraphStyle(f"iclr_{kind}", fontName="Vera", fontSize=size, leading=size * 1.25)
+    t = Table([[Paragraph(number, style), Paragraph(small_caps(title, size), style)]],
+              colWidths=[28 if "." in number else 20, width - (28 if "." in number else 20)], hAlign="LEFT")
+    t.setStyle(TableStyle([("LEFTPADDING", (0, 0), (-1, -1), 0), ("RIGHTPADDING", (0, 0), (-1, -1), 0),
+                           ("TOPPADDING", (0, 0), (-1, -1), 8 if kind == "h1" else 5),
+                           ("BOTTOMPADDING", (0, 0), (-1, -1), 4), ("VALIGN", (0, 0), (-1, -1), "TOP")]))
+    return t
+
+
+def contents_table(entries: list[tuple[str, int]], st: dict, width: float) -> list:
+    """An appendix table of contents: "Contents", then one row per entry: title (sub-entries with dot
+    leaders) and its page number at the right margin."""
+    rows = []
+    for text, page in entries:
+        top = "." not in text.split()[0]
+        cell = Paragraph(f"<b>{_esc(text)}</b>" if top else _esc(text) + " " + ". " * 18, st["body"])
+        rows.append([cell, Paragraph(str(page), st["eqno"])])
+    t = Table(rows, colWidths=[width - 40, 40])
+    t.setStyle(TableStyle([("LEFTPADDING", (0, 0), (-1, -1), 0), ("RIGHTPADDING", (0, 0), (-1, -1), 0),
+                           ("TOPPADDING", (0, 0), (-1, -1), 1), ("BOTTOMPADDING", (0, 0), (-1, -1), 1)]))
+    return [Paragraph("Contents", st["h1"]), t, Spacer(1, 8)]
+
+
 class Collected:
     def __init__(self) -> None:
         self.sections: list[str] = []
@@ -444,6 +501,7 @@ class Collected:
         self.abstract: list[str] = []
         self.references: list[str] = []
         self.body_text: list[str] = []
+        self.tables: list[dict] = []  # {"caption": plain text, "rows": [[cell, ...], ...]}
 
 
 def build_table(rows: list[list[str]], st: dict, width: float) -> Table:
@@ -484,8 +542,15 @@ def build_story(doc: dict, col_width: float) -> tuple[list, list, Collected]:
     meta, blocks = doc["meta"], doc["blocks"]
     st = make_styles(meta["layout"])
     col = Collected()
+    iclr = meta.get("template") == "iclr"
+    title = meta["title"].upper() if iclr else meta["title"]
+    if meta.get("title_break"):  # "LAN-GUAGE": break the title's line after "LAN-", as a narrow title box would
+        head, tail = meta["title_break"].split("-")
+        if head + tail not in title:
+            raise ValueError(f"{doc['slug']}: title_break {meta['title_break']!r} not in the title")
+        title = title.replace(head + tail, f"{head}-<br/>{tail}")
     title_block = [
-        Paragraph(_esc(meta["title"]), st["title"]),
+        Paragraph(title if "<br/>" in title else _esc(title), st["title"]),
         Paragraph(_esc(meta["authors"]), st["authors"]),
         Paragraph(_esc(meta["affiliation"]), st["affil"]),
     ]
@@ -497,30 +562,43 @@ def build_story(doc: dict, col_width: float) -> tuple[list, list, Collected]:
     story: list = []
     zone = "front"  # front -> abstract -> body -> refs -> appendix
     first_para = True
-    pending_caption = None
+    pending_caption, pending_text = None, ""
     for bi, (kind, text) in enumerate(blocks):
         if kind in ("h1", "h2"):
             if text == "Abstract":
                 zone = "abstract"
-                title_block.append(Paragraph("Abstract", st["abs_head"]))
+                title_block.append(Paragraph(small_caps("Abstract", SECTION_SIZE) if iclr else "Abstract",
+                                             st["abs_head"]))
                 continue
             if text == "References":
                 zone = "refs"
                 story.append(CondPageBreak(80))
-                story.append(Paragraph("References", st["h1"]))
+                story.append(Paragraph(small_caps("References", SECTION_SIZE) if iclr else "References", st["h1"]))
                 continue
             if zone == "abstract":
                 zone = "body"
             if zone == "refs":
                 zone = "appendix"
-            (col.appendix if zone == "appendix" else col.sections).append(text)
+                if meta.get("toc") == "yes":  # the appendix opens with its own table of contents
+                    story.append(CondPageBreak(200))
+                    entries = [(t, 0) for k, t in blocks[bi:] if k in ("h1", "h2")]
+                    story.extend(contents_table([(t, 4 + i // 2) for i, (t, _) in enumerate(entries)], st,
+                                                col_width))
+            number, _, name = text.partition(" ")
+            shown = f"{number} {name.upper()}" if iclr else text
+            (col.appendix if zone == "appendix" else col.sections).append(shown)
             # Keep a heading with at least ~4 lines of what follows: break to
             # the next frame/column if there is not enough room (a
             # keepWithNext on the heading would drag the whole next paragraph).
             nxt = blocks[bi + 1][0] if bi + 1 < len(blocks) else ""
             need = (80 if kind == "h1" else 66) + (40 if nxt in ("h1", "h2") else 0)
             story.append(CondPageBreak(need))
-            story.append(Paragraph(_esc(text), st[kind]))
+            if iclr:
+                story.append(iclr_heading(number, name, kind, col_width))
+            elif meta.get("outline") == "yes":
+                story.append(OutlinedParagraph(_esc(text), st[kind], name, 1 if kind == "h1" else 2))
+            else:
+                story.append(Paragraph(_esc(text), st[kind]))
             first_para = True
             continue
         # text blocks
@@ -546,6 +624,7 @@ def build_story(doc: dict, col_width: float) -> tuple[list, list, Collected]:
                 items.append(pending_caption)
                 pending_caption = None
             items.append(build_table(rows, st, col_width))
+            col.tables.append({"caption": plain(pending_text), "rows": [[plain(c) for c in r] for r in rows]})
             items.append(Spacer(1, 6))
             story.append(KeepTogether(items))
             col.body_text.extend(" ".join(r) for r in rows)
@@ -569,6 +648,7 @@ def build_story(doc: dict, col_width: float) -> tuple[list, list, Collected]:
         col.body_text.append(joined)
         if re.match(r"^Table \d+:", joined):
             pending_caption = Paragraph(inline(joined), st["caption"])
+            pending_text = joined
             continue
         if lines[0].startswith("- "):
             items = re.split(r"\n- ", "\n" + text)[1:]
@@ -765,7 +845,11 @@ def main() -> int:
         manifest.append(
             {
                 "file": out.name,  # relative to data/sample/pdfs/
-                "title": meta["title"],
+                "title": meta["title"].upper() if meta.get("template") == "iclr" else meta["title"],
+                "template": meta.get("template", "plain"),
+                "outline": meta.get("outline") == "yes",
+                "appendix_toc": meta.get("toc") == "yes",
+                "tables": col.tables,
                 "short_title": meta["short_title"],
                 "arxiv_id": re.sub(r"v\d+$", "", arxiv) if has_stamp else None,
                 "arxiv_stamp": stamp_text(meta) if has_stamp else None,
