@@ -1,116 +1,58 @@
-"""QA: generate question–answer pairs from each chunk, then filter them.
+"""QA: question–answer pairs from each document's chunks, rated, filtered and de-duplicated.
 
 Run alone:  python -m tasks.qa [--params params.yaml]
 
-Backends (chosen by `qa.backend`, looked up in BACKENDS):
-- `extractive`: offline and deterministic. Questions come from the paper's own structure and sentences — what
-  the paper proposes, what a term is, what a method does or reports, what a section covers — and every answer
-  is a sentence of the chunk itself.
-- `openai`: any OpenAI-compatible chat endpoint (vLLM, Ollama, llama.cpp server, OpenAI). The key is read from
-  the environment variable named in `qa.openai.api_key_env` and never written anywhere.
-Each chunk is one cached Prefect task, so a crash half-way loses no finished chunk and adding a PDF only asks
-about its chunks. Filters (length bounds, grounding, duplicate questions) are counted in the QA report.
+Generators (`qa.backend`, looked up in GENERATORS):
+- `extractive`: offline and deterministic (tasks/extractive.py): questions from the paper's structure and
+  sentences, answers copied from its text.
+- `openai` / `hf`: a teacher model (any OpenAI-compatible endpoint, or any instruct model through transformers)
+  asked for `n_tokens / qa.teacher.tokens_per_pair` self-contained pairs per chunk, as JSON.
+Optional judge (`qa.judge`, same backends): it sees the chunk and the pair and rates faithfulness,
+self-containedness and usefulness 1–5; the verdict is stored with the pair and the keep rule is in params.
+Filters, in order: question/answer length, grounding (ROUGE-L recall of the answer in its chunk), the judge, then
+across the whole dataset MinHash near-duplicate questions and at most `max_pairs_per_chunk` per chunk; every drop
+is counted in the QA report. Each document is one Prefect task (the offline backend's cached whole); each
+teacher/judge request is cached on disk (tasks/teacher.py), so a crash loses no reply and changing a filter
+never asks the model again. A run that keeps no pair writes nothing (the previous qa.jsonl stays).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import threading
 from collections import Counter
+from functools import lru_cache
+from pathlib import Path
 
 from prefect import task
-from rouge_score import rouge_scorer
+from prefect.cache_policies import NO_CACHE
 
-from tasks.chunk import split_sentences
-from tasks.common import CACHE, PipelineError, content_hash, map_cached, read_jsonl, run_stage, write_json, write_jsonl
-from tasks.params import OpenAIParams, Paths, QAParams
+from tasks.common import (CACHE, PipelineError, content_hash, logger, map_cached, read_jsonl, run_stage, write_json,
+                          write_jsonl)
+from tasks.extractive import extractive_document
+from tasks.params import JudgeParams, Paths, QAParams
+from tasks.teacher import complete, endpoint
 
-# ---------------------------------------------------------------------------------------------- extractive backend
+KINDS = {"fact", "definition", "method", "result", "comparison"}
+PROVENANCE = ("doc_id", "chunk_id", "title", "section", "page_start", "page_end")
 
-_PROPOSE = re.compile(r"\b(?:we|this paper|this work)\s+(?:propose|introduce|present|describe)s?\b", re.I)
-_DEFINE = re.compile(
-    r"^(?P<term>(?:[A-Z][\w\-()]*)(?:\s+[\w\-()]+){0,5}?)\s+(?:is|are|refers to|denotes)\s+(?:a|an|the)\s", re.U
-)
-# "<Subject> reduces/improves/... <object>": a claim about what a method does or achieves.
-_VERBS = ("reduces improves outperforms matches achieves reaches requires uses adds freezes trains learns "
-          "updates inserts prepends keeps removes scales decomposes quantizes introduces enables allows").split()
-_CLAIM = re.compile(rf"^(?P<subj>[A-Z][\w\-]*(?:\s+[\w\-]+){{0,4}}?)\s+(?P<verb>{'|'.join(_VERBS)})\s+(?P<rest>.+)")
-_RESULT = re.compile(r"\d")
-_STOP_SUBJECTS = {"This", "It", "We", "They", "These", "That", "There", "However", "Table", "Figure", "In", "For",
-                  "Our", "Its", "Their", "His", "Her", "Such", "Both", "Each", "One", "All", "Most", "Some"}
-_DETERMINERS = {"The", "A", "An"}
-# "The goal is ...", "The result is ...": subjects too vague to make a question a reader would ask.
-_VAGUE = {"goal", "idea", "result", "results", "reason", "answer", "difference", "key", "main", "effect", "first",
-          "second", "last", "same", "other", "rest", "problem", "question", "approach", "method", "modification"}
+# ---------------------------------------------------------------------------------------------- teacher
 
 
-def _subject(phrase: str) -> str | None:
-    """A noun phrase fit for a question ("The adapter" → "the adapter"), or None for a vague or long one."""
-    words = phrase.split()
-    if words[0] in _STOP_SUBJECTS or len(words) > 4 or (len(words) > 1 and words[0].endswith("ing")):
-        return None
-    if words[0] in _DETERMINERS:
-        if len(words) == 1 or words[1].lower() in _VAGUE:
-            return None
-        words[0] = words[0].lower()
-    return " ".join(words)
+def pairs_wanted(chunk: dict, qa: QAParams) -> int:
+    """In proportion to the chunk's length: a short tail is asked for one pair, a full chunk for several."""
+    return max(1, min(qa.max_pairs_per_chunk, round(chunk["n_tokens"] / qa.teacher.tokens_per_pair)))
 
 
-def _base_verb(verb: str) -> str:
-    return verb[:-2] if verb.endswith(("ches", "shes")) else verb[:-1]
-
-
-def _paper(chunk: dict) -> str:
-    return f'"{chunk["title"]}"'
-
-
-def extractive_pairs(chunk: dict, n: int) -> list[dict]:
-    """Questions from the chunk's own structure and sentences; each answer is one of its sentences."""
-    sentences = [s for s in split_sentences(chunk["text"].replace("\n\n", " ")) if len(s.split()) >= 5]
-    section = re.sub(r"^[A-Z0-9]+(\.\d+)*\.?\s+", "", chunk["section"]).strip()  # "3.2 Method" → "Method"
-    pairs: list[dict] = []
-
-    def add(kind: str, question: str, answer: str) -> None:
-        if all(p["question"] != question for p in pairs):
-            pairs.append({"kind": kind, "question": question, "answer": answer})
-
-    for s in sentences:
-        if _PROPOSE.search(s):
-            what = "propose" if section.lower() in ("abstract", "introduction", "") else f"present in {section}"
-            add("proposal", f"What do the authors of {_paper(chunk)} {what}?", s)
-        elif (m := _DEFINE.match(s)) and (term := _subject(m["term"])):
-            add("definition", f"In {_paper(chunk)}, what is {term}?", s)
-        elif (m := _CLAIM.match(s)) and (subj := _subject(m["subj"])):
-            kind = "result" if _RESULT.search(m["rest"]) else "method"
-            add(kind, f"According to {_paper(chunk)}, what does {subj} {_base_verb(m['verb'])}?", s)
-        elif _RESULT.search(s) and re.search(r"\b(accuracy|score|BLEU|ROUGE|%|percent|times|fewer|memory|GB)\b", s):
-            add("result", f"What result does {_paper(chunk)} report in its {section or 'text'} section?", s)
-    if sentences and section:  # one summary question per chunk: what the section says
-        summary = " ".join(sentences[:2])
-        where = "abstract" if section.lower() == "abstract" else f'section "{section}"'
-        add("section", f"What does the {where} of {_paper(chunk)} say?", summary)
-    return pairs[: max(n, 1) * 2]  # the filters below still drop some; max_pairs_per_chunk caps what is kept
-
-
-# ---------------------------------------------------------------------------------------------- openai backend
-
-_SLOTS: dict[int, threading.BoundedSemaphore] = {}
-
-
-def _slot(limit: int) -> threading.BoundedSemaphore:
-    # Bounds requests in flight across the threads of this process (the task runner may run many chunks at once).
-    return _SLOTS.setdefault(limit, threading.BoundedSemaphore(limit))
+def _strip_fence(content: str) -> str:
+    text = content.strip()
+    return re.sub(r"^```(?:json)?\s*|\s*```$", "", text) if text.startswith("```") else text
 
 
 def parse_pairs(content: str) -> list[dict] | None:
-    """Strict: a JSON object {"pairs": [{"question": str, "answer": str}, ...]}; anything else is malformed."""
-    text = content.strip()
-    if text.startswith("```"):  # a fenced reply is still the JSON asked for
-        text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text)
+    """Strict: a JSON object {"pairs": [{"question": str, "answer": str[, "kind": str]}, ...]}, else None."""
     try:
-        data = json.loads(text)
+        data = json.loads(_strip_fence(content))
     except json.JSONDecodeError:
         return None
     pairs = data.get("pairs") if isinstance(data, dict) else None
@@ -118,100 +60,221 @@ def parse_pairs(content: str) -> list[dict] | None:
         isinstance(p, dict) and isinstance(p.get("question"), str) and isinstance(p.get("answer"), str) for p in pairs
     ):
         return None
-    return [{"kind": "llm", "question": p["question"].strip(), "answer": p["answer"].strip()} for p in pairs]
+    return [{"kind": p["kind"] if p.get("kind") in KINDS else "llm", "question": p["question"].strip(),
+             "answer": p["answer"].strip()} for p in pairs]
 
 
-def openai_pairs(chunk: dict, cfg: OpenAIParams) -> tuple[list[dict], int]:
-    from openai import OpenAI
-
-    key = os.environ.get(cfg.api_key_env)
-    if not key:
-        raise PipelineError(f"qa.backend=openai needs the API key in the environment variable {cfg.api_key_env}")
-    # The client retries 429/5xx/connection errors with exponential backoff, up to max_retries.
-    client = OpenAI(base_url=cfg.base_url, api_key=key, max_retries=cfg.max_retries, timeout=cfg.timeout_s)
-    prompt = cfg.prompt_template.format(title=chunk["title"], section=chunk["section"], text=chunk["text"],
-                                        n=cfg.pairs_per_chunk)
-    with _slot(cfg.max_concurrency):
-        reply = client.chat.completions.create(
-            model=cfg.model, temperature=cfg.temperature, messages=[{"role": "user", "content": prompt}]
-        )
-    pairs = parse_pairs(reply.choices[0].message.content or "")
-    return (pairs, 0) if pairs is not None else ([], 1)
+def teacher_pairs(chunks: list[dict], qa: QAParams, cache_dir: Path, stats: Counter) -> list[dict]:
+    chunks = [c for c in chunks if c.get("kind", "text") == "text"]
+    prompts = [qa.teacher.prompt_template.format(title=c["title"], section=c["section"], text=c["text"],
+                                                 n=pairs_wanted(c, qa)) for c in chunks]
+    replies = complete(endpoint(qa, "teacher"), prompts, cache_dir, valid=lambda r: parse_pairs(r) is not None,
+                       stats=stats)
+    return [{**p, "chunk_id": c["chunk_id"]} for c, r in zip(chunks, replies) if r for p in parse_pairs(r)]
 
 
-# ---------------------------------------------------------------------------------------------- stage
-
-BACKENDS = {
-    "extractive": lambda chunk, qa: (extractive_pairs(chunk, qa.max_pairs_per_chunk), 0),
-    "openai": lambda chunk, qa: openai_pairs(chunk, qa.openai),
+GENERATORS = {
+    "extractive": lambda chunks, qa, cache_dir, stats: extractive_document(chunks),
+    "openai": teacher_pairs,
+    "hf": teacher_pairs,
 }
 
+# ---------------------------------------------------------------------------------------------- judge
 
-@task(**CACHE, name="qa-chunk")
-def generate(chunk: dict, qa: QAParams) -> dict:
-    pairs, malformed = BACKENDS[qa.backend](chunk, qa)
-    provenance = {k: chunk[k] for k in ("doc_id", "chunk_id", "title", "section", "page_start", "page_end")}
-    return {"pairs": [{**p, **provenance} for p in pairs], "malformed": malformed}
+CRITERIA = ("faithfulness", "self_contained", "usefulness")
+
+
+def parse_verdict(content: str) -> dict | None:
+    """Strict: {"faithfulness": 1-5, "self_contained": 1-5, "usefulness": 1-5}, else None."""
+    try:
+        data = json.loads(_strip_fence(content))
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not all(type(data.get(k)) is int and 1 <= data[k] <= 5 for k in CRITERIA):
+        return None
+    return {k: data[k] for k in CRITERIA}
+
+
+def judge_reason(verdict: dict | None, judge: JudgeParams) -> str | None:
+    """Why the keep rule drops a judged pair, or None to keep it."""
+    if verdict is None:
+        return "judge_malformed"  # an unrated pair is not vouched for
+    for criterion in CRITERIA:
+        if verdict[criterion] < getattr(judge, f"min_{criterion}"):
+            return f"judge_{criterion}"
+    return None
+
+
+def judge_pairs(pairs: list[dict], chunks: dict[str, dict], qa: QAParams, cache_dir: Path, stats: Counter) -> None:
+    """Store each pair's verdict under "judge" (None when the judge's reply was malformed)."""
+    prompts = [qa.judge.prompt_template.format(title=p["title"], section=p["section"], question=p["question"],
+                                               answer=p["answer"], text=chunks[p["chunk_id"]]["text"]) for p in pairs]
+    replies = complete(endpoint(qa, "judge"), prompts, cache_dir, valid=lambda r: parse_verdict(r) is not None,
+                       stats=stats)
+    for p, reply in zip(pairs, replies):
+        p["judge"] = parse_verdict(reply) if reply else None
+
+
+# ---------------------------------------------------------------------------------------------- filters
+
+@lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer  # 2.6 s of imports (nltk): only when pairs are scored, not for split
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def grounding(answer: str, context: str) -> float:
+    """ROUGE-L recall of the answer against its chunk: how much of the answer the chunk contains in order."""
+    # rouge-score's score(target, prediction): recall = LCS / len(target), so the answer is the target here.
+    return _scorer().score(answer, context)["rougeL"].recall
 
 
 def normalise(question: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", question.lower()).split())
 
 
-_scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+def check_pair(p: dict, chunk: dict, qa: QAParams) -> str | None:
+    """The first cheap filter a pair fails (sets p["grounding"]), or None."""
+    if not qa.min_question_chars <= len(p["question"]) <= qa.max_question_chars:
+        return "question_length"
+    if not qa.min_answer_chars <= len(p["answer"]) <= qa.max_answer_chars:
+        return "answer_length"
+    p["grounding"] = round(grounding(p["answer"], chunk["text"]), 4)
+    return "not_grounded" if p["grounding"] < qa.min_grounding else None
 
 
-def grounding(answer: str, context: str) -> float:
-    """ROUGE-L recall of the answer against its chunk: how much of the answer the chunk contains in order."""
-    # rouge-score's score(target, prediction): recall = LCS / len(target), so the answer is the target here.
-    return _scorer.score(answer, context)["rougeL"].recall
+def qa_document(chunks: list[dict], qa: QAParams, cache_dir: Path) -> dict:
+    """Candidate pairs of one document, each with provenance, its verdict and `drop` (a reason, or None)."""
+    teacher_stats, judge_stats = Counter(), Counter()
+    by_id = {c["chunk_id"]: c for c in chunks}
+    pairs = [{**p, **{k: by_id[p["chunk_id"]][k] for k in PROVENANCE}}
+             for p in GENERATORS[qa.backend](chunks, qa, cache_dir, teacher_stats)]
+    for p in pairs:
+        p["drop"] = check_pair(p, by_id[p["chunk_id"]], qa)
+    if qa.judge.enabled:
+        judged = [p for p in pairs if p["drop"] is None]
+        judge_pairs(judged, by_id, qa, cache_dir, judge_stats)
+        for p in judged:
+            p["drop"] = judge_reason(p["judge"], qa.judge)
+    return {"pairs": pairs, "teacher": dict(teacher_stats), "judge": dict(judge_stats)}
 
 
-def keep_pairs(pairs: list[dict], chunks: dict[str, dict], qa: QAParams) -> tuple[list[dict], Counter]:
+# A teacher's document is not cached as a whole: its replies are cached per request (tasks/teacher.py), and a
+# document with a malformed reply must be asked again. The offline backend's document is cached whole (CACHE:
+# its chunks, the qa params and the code): adding one paper to a thousand recomputes only that paper.
+@task(name="qa-document", persist_result=False, cache_policy=NO_CACHE)
+def qa_document_task(chunks: list[dict], qa: QAParams, cache_dir: str) -> dict:
+    return qa_document(chunks, qa, Path(cache_dir))
+
+
+@task(**{**CACHE, "cache_policy": CACHE["cache_policy"] - "cache_dir"}, name="qa-document-offline")
+def qa_document_offline(chunks: list[dict], qa: QAParams, cache_dir: str) -> dict:
+    return qa_document(chunks, qa, Path(cache_dir))
+
+
+# ---------------------------------------------------------------------------------------------- near-duplicates
+
+
+def minhash(text: str, num_perm: int):
+    """MinHash of a normalised question's word pairs (single words for a one-word question)."""
+    from datasketch import MinHash
+
+    words = normalise(text).split()
+    shingles = {" ".join(words[i:i + 2]) for i in range(max(1, len(words) - 1))}
+    m = MinHash(num_perm=num_perm)
+    m.update_batch([s.encode() for s in shingles])
+    return m
+
+
+def question_key(p: dict) -> str:
+    """The question with its paper's title as one word: a long title shared by two questions of the same paper
+    must not make them look alike, and the same question about two papers is two questions."""
+    return p["question"].replace(p.get("title") or "\0", f" paper{p.get('doc_id', '')[:12]} ")
+
+
+class NearDuplicates:
+    """MinHash LSH index: `seen(text)` is True when an indexed text is at least `threshold` similar."""
+
+    def __init__(self, threshold: float, num_perm: int):
+        from datasketch import MinHashLSH
+
+        self.threshold, self.num_perm = threshold, num_perm
+        self.lsh, self.hashes = MinHashLSH(threshold=threshold, num_perm=num_perm), {}
+
+    def seen(self, text: str):
+        m = minhash(text, self.num_perm)
+        # LSH finds candidates; the MinHash estimate confirms, so the threshold is the one in params.
+        return any(self.hashes[k].jaccard(m) >= self.threshold for k in self.lsh.query(m)), m
+
+    def add(self, text: str, m=None) -> None:
+        key = str(len(self.hashes))
+        self.hashes[key] = m or minhash(text, self.num_perm)
+        self.lsh.insert(key, self.hashes[key])
+
+
+def select(candidates: list[dict], qa: QAParams) -> tuple[list[dict], Counter]:
+    """Across the dataset, in order: drop the reasons found per document, near-duplicate questions, and pairs
+    beyond `max_pairs_per_chunk`."""
     dropped: Counter = Counter()
-    seen: set[str] = set()
+    index = NearDuplicates(qa.near_duplicate_threshold, qa.minhash_permutations)
     per_chunk: Counter = Counter()
     kept = []
-    for p in pairs:
-        q, a = p["question"], p["answer"]
-        if not qa.min_question_chars <= len(q) <= qa.max_question_chars:
-            dropped["question_length"] += 1
-        elif not qa.min_answer_chars <= len(a) <= qa.max_answer_chars:
-            dropped["answer_length"] += 1
-        elif (score := grounding(a, chunks[p["chunk_id"]]["text"])) < qa.min_grounding:
-            dropped["not_grounded"] += 1
-        elif normalise(q) in seen:
-            dropped["duplicate_question"] += 1
+    for p in candidates:
+        if p["drop"]:
+            dropped[p["drop"]] += 1
+            continue
+        duplicate, m = index.seen(question_key(p))
+        if duplicate:
+            dropped["near_duplicate_question"] += 1
         elif per_chunk[p["chunk_id"]] >= qa.max_pairs_per_chunk:
             dropped["over_max_per_chunk"] += 1
         else:
-            seen.add(normalise(q))
+            index.add(question_key(p), m)
             per_chunk[p["chunk_id"]] += 1
-            kept.append({**p, "grounding": round(score, 4)})
+            kept.append({k: v for k, v in p.items() if k != "drop"})
     return kept, dropped
+
+
+# ---------------------------------------------------------------------------------------------- stage
 
 
 def run(qa: QAParams, paths: Paths) -> list[dict]:
     chunks = read_jsonl(paths.chunks)
-    results = map_cached(generate, chunks, qa, desc=f"qa ({qa.backend})")
-    generated = [p for r in results for p in r["pairs"]]
-    kept, dropped = keep_pairs(generated, {c["chunk_id"]: c for c in chunks}, qa)
-    for p in kept:
-        p["pair_id"] = content_hash([p["chunk_id"], p["question"], p["answer"]])[:16]
-    write_jsonl(paths.qa, kept)
-    write_json(paths.qa_report, {
+    documents: dict[str, list[dict]] = {}
+    for c in chunks:
+        documents.setdefault(c["doc_id"], []).append(c)
+    offline = qa.backend == "extractive" and not qa.judge.enabled
+    results = map_cached(qa_document_offline if offline else qa_document_task, list(documents.values()), qa,
+                         str(paths.qa_cache), desc=f"qa ({qa.backend})")
+    candidates = [p for r in results for p in r["pairs"]]
+    kept, dropped = select(candidates, qa)
+    requests = {role: {k: sum(r[role].get(k, 0) for r in results) for k in ("cache_hits", "sent", "malformed")}
+                for role in ("teacher", "judge")}
+    verdicts = [p["judge"] for p in candidates if p.get("judge")]
+    report = {
         "backend": qa.backend,
+        "model": getattr(qa, qa.backend).model if qa.backend != "extractive" else None,
+        "judge_model": getattr(qa, qa.judge.backend).model if qa.judge.enabled else None,
         "chunks": len(chunks),
-        "generated": len(generated),
-        "malformed_replies": sum(r["malformed"] for r in results),
+        "generated": len(candidates),
+        "malformed_replies": requests["teacher"].get("malformed", 0),
+        "requests": requests,  # per role: cache_hits, sent, malformed (malformed replies are never cached)
+        "judge": {c: dict(sorted(Counter(v[c] for v in verdicts).items())) for c in CRITERIA} if verdicts else {},
         "dropped": dict(sorted(dropped.items())),
         "kept": len(kept),
         "kept_by_kind": dict(sorted(Counter(p["kind"] for p in kept).items())),
         "documents": len({p["doc_id"] for p in kept}),
-        "dataset_hash": content_hash([p["pair_id"] for p in kept]),
-    })
-    if not kept:
-        raise PipelineError(f"no question-answer pair survived the filters (see {paths.qa_report})")
+    }
+    if not kept:  # nothing is written: the previous qa.jsonl and report stay
+        raise PipelineError(f"no question-answer pair survived the filters: {report['generated']} generated, "
+                            f"dropped {report['dropped']}, malformed replies {report['malformed_replies']}")
+    for p in kept:
+        p["pair_id"] = content_hash([p["chunk_id"], p["question"], p["answer"]])[:16]
+    report["dataset_hash"] = content_hash([p["pair_id"] for p in kept])
+    write_jsonl(paths.qa, kept)
+    write_json(paths.qa_report, report)
+    logger().info(f"qa: {len(candidates)} generated, {len(kept)} kept; requests {requests}")
     return kept
 
 

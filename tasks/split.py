@@ -4,8 +4,9 @@ Run alone:  python -m tasks.split [--params params.yaml]
 
 Each document goes to eval when a salted hash of its doc_id falls under `split.eval_fraction`, so a document
 keeps its side when others are added (only a corpus too small to have both sides borrows the nearest one).
-An eval pair whose normalised question also appears in training is dropped and counted; then a leakage check
-fails the run loudly if any eval document or eval question is still in train. Writes JSONL that the training
+An eval pair whose question is a near-duplicate of a training question (the QA stage's MinHash test, with
+`split.near_duplicate_threshold`) is dropped and counted; then a leakage check fails the run loudly if any eval
+document or near-duplicate eval question is still in train. Writes JSONL that the training
 stage reads with `datasets`.
 """
 
@@ -15,7 +16,7 @@ from prefect import task
 
 from tasks.common import PipelineError, content_hash, logger, read_jsonl, run_stage, write_json, write_jsonl
 from tasks.params import Paths, SplitParams
-from tasks.qa import normalise
+from tasks.qa import NearDuplicates, question_key
 
 
 def side_score(doc_id: str, seed: int) -> float:
@@ -37,11 +38,18 @@ def assign(doc_ids: list[str], split: SplitParams) -> set[str]:
     return eval_docs
 
 
-def check_leakage(train: list[dict], eval_: list[dict]) -> None:
+def seen_in(train: list[dict], pairs: list[dict], split: SplitParams) -> list[bool]:
+    """For each pair: is its question a near-duplicate of a training question?"""
+    index = NearDuplicates(split.near_duplicate_threshold, split.minhash_permutations)
+    for p in train:
+        index.add(question_key(p))
+    return [index.seen(question_key(p))[0] for p in pairs]
+
+
+def check_leakage(train: list[dict], eval_: list[dict], split: SplitParams) -> None:
     train_docs = {p["doc_id"] for p in train}
-    train_questions = {normalise(p["question"]) for p in train}
     leaked_docs = sorted({p["doc_id"] for p in eval_} & train_docs)
-    leaked_questions = sorted({normalise(p["question"]) for p in eval_} & train_questions)
+    leaked_questions = [p["question"] for p, seen in zip(eval_, seen_in(train, eval_, split)) if seen]
     if leaked_docs or leaked_questions:
         raise PipelineError(
             f"leakage: {len(leaked_docs)} eval document(s) and {len(leaked_questions)} eval question(s) are also in "
@@ -53,10 +61,9 @@ def check_leakage(train: list[dict], eval_: list[dict]) -> None:
 def split_pairs(pairs: list[dict], split: SplitParams) -> tuple[list[dict], list[dict], dict]:
     eval_docs = assign([p["doc_id"] for p in pairs], split)
     train = [p for p in pairs if p["doc_id"] not in eval_docs]
-    train_questions = {normalise(p["question"]) for p in train}
     held_out = [p for p in pairs if p["doc_id"] in eval_docs]
-    eval_ = [p for p in held_out if normalise(p["question"]) not in train_questions]
-    check_leakage(train, eval_)
+    eval_ = [p for p, seen in zip(held_out, seen_in(train, held_out, split)) if not seen]
+    check_leakage(train, eval_, split)
     report = {
         "train": {"documents": len({p["doc_id"] for p in train}), "pairs": len(train)},
         "eval": {"documents": len(eval_docs), "pairs": len(eval_)},

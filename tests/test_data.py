@@ -1,11 +1,11 @@
-"""The data half on the sample corpus: base model → chunks → QA → split, and incremental re-runs."""
+"""The data half on the sample corpus: base model → chunks → QA → split → export, and incremental re-runs."""
 
 import json
 import shutil
 
 import pytest
 
-from tasks import base_model, chunk, ingest, qa, split
+from tasks import base_model, chunk, export, extractive, ingest, qa, split
 from tasks.common import PipelineError, read_json, read_jsonl
 from tests.conftest import SAMPLE_PDFS, data_half, in_flow, make_params
 
@@ -70,54 +70,136 @@ def test_long_paragraph_is_cut_at_sentences_with_overlap(data):
         assert b["text"].startswith(chunk.split_sentences(a["text"])[-1])  # the last sentence is repeated (overlap)
 
 
+def test_tables_and_captions_are_chunks_of_their_own(data):
+    prose = " ".join(f"LoRA detail number {i} is explained in this sentence about adapters." for i in range(6))
+    doc = {"doc_id": "t" * 64, "title": "Tables", "file": "t.pdf", "pages": [{"page": 1, "blocks": [
+        {"kind": "heading", "level": 1, "text": "4 Results"},
+        {"kind": "text", "text": prose},
+        {"kind": "caption", "text": "Table 1: Accuracy of each method."},
+        {"kind": "table", "text": "Method | Accuracy\nLoRA | 81.2\nDoRA | 83.0"},
+        {"kind": "caption", "text": "Figure 2: Loss curves of LoRA and DoRA."},
+        {"kind": "text", "text": "DoRA outperforms LoRA on every benchmark of the study."}]}]}
+    out = chunk.chunk_one(doc, data.chunk, str(data.paths.base_model))
+    assert [c["kind"] for c in out] == ["text", "table", "text", "text"]
+    assert out[1]["text"] == "Table 1: Accuracy of each method.\nMethod | Accuracy\nLoRA | 81.2\nDoRA | 83.0"
+    assert out[2]["text"].startswith("Figure 2") and "|" not in out[0]["text"] + out[3]["text"]
+    assert not any(c["text"].startswith(prose[-40:]) for c in out[1:])  # no prose overlap carried past a table
+    # The offline generator never answers from a table chunk.
+    pairs = extractive.extractive_document([{**c, "chunk_id": str(i)} for i, c in enumerate(out)])
+    assert pairs and "1" not in {p["chunk_id"] for p in pairs}
+
+
 def test_qa_pairs_are_grounded_varied_and_deduplicated(data):
     pairs = read_jsonl(data.paths.qa)
     report = read_json(data.paths.qa_report)
     chunks = {c["chunk_id"]: c for c in read_jsonl(data.paths.chunks)}
+    documents = read_jsonl(data.paths.documents)
     assert report["kept"] == len(pairs) >= 100
-    assert report["documents"] == len(read_jsonl(data.paths.documents))
+    assert report["documents"] == len(documents)
     # Not one template repeated: several kinds of question, each a real share of the data.
     kinds = report["kept_by_kind"]
-    assert {"proposal", "definition", "method", "result", "section"} <= set(kinds)
-    assert max(kinds.values()) < 0.75 * len(pairs)
+    assert {"definition", "method", "section", "fact"} <= set(kinds)
+    assert max(kinds.values()) < 0.6 * len(pairs)  # short sample papers: many sections, few sentences each
     for p in pairs:
         assert p["chunk_id"] in chunks and p["doc_id"] == chunks[p["chunk_id"]]["doc_id"]
+        assert chunks[p["chunk_id"]].get("kind", "text") == "text"
         assert qa.grounding(p["answer"], chunks[p["chunk_id"]]["text"]) >= data.qa.min_grounding
         assert data.qa.min_answer_chars <= len(p["answer"]) <= data.qa.max_answer_chars
     assert len({qa.normalise(p["question"]) for p in pairs}) == len(pairs)
+    # One question per section, not one per chunk of it.
+    sections = [(p["doc_id"], p["section"]) for p in pairs if p["kind"] == "section"]
+    assert len(sections) == len(set(sections)) >= len(documents)
     # What the LoRA paper proposes is asked, and answered from the paper.
     lora = [p for p in pairs if p["title"].startswith("LoRA") and p["kind"] == "proposal"]
     assert lora and "low-rank" in lora[0]["answer"].lower()
 
 
-def test_qa_filters_drop_and_count(data):
-    chunk_ = {"chunk_id": "c1", "text": "Adapters add few parameters. LoRA freezes the weights and trains A and B."}
-    pairs = [
-        {"chunk_id": "c1", "question": "What does LoRA freeze?", "answer": "LoRA freezes the weights and trains A and B."},
-        {"chunk_id": "c1", "question": "what does LoRA freeze", "answer": "LoRA freezes the weights and trains A and B."},
-        {"chunk_id": "c1", "question": "What is DoRA's magnitude?", "answer": "The magnitude vector is learned per column."},
-        {"chunk_id": "c1", "question": "Why?", "answer": "LoRA freezes the weights and trains A and B."},
-    ]
-    kept, dropped = qa.keep_pairs(pairs, {"c1": chunk_}, data.qa)
-    assert [p["question"] for p in kept] == ["What does LoRA freeze?"]
-    assert dropped == {"duplicate_question": 1, "not_grounded": 1, "question_length": 1}
+def _chunk(text: str, i: int = 0, section: str = "3 Method") -> dict:
+    return {"chunk_id": f"c{i}", "doc_id": "d", "title": "SimPO: Simple Preference Optimization", "section": section,
+            "page_start": 1, "page_end": 1, "kind": "text", "text": text}
+
+
+def test_extractive_asks_about_names_and_skips_junk():
+    junk = ["Here we describe the method in detail for the reader.", "N is the number of layers in the model.",
+            "We describe these steps in more detail below.", "It is a strong baseline for most of the tasks.",
+            "1.1 Challenges with Existing Methods . . . . . . . . . . 5 1.2 Key Contributions . . . . . 6.",
+            "Rafailov et al. Direct preference optimization. arXiv preprint arXiv:2305.18290, 2023.",
+            "The loss is L = −log σ(β r(x, y_w) − β r(x, y_l)) as in (3).",
+            "While human evaluation is the gold standard, it is slow and costly to run."]
+    good = ["SimPO outperforms DPO by 6.4 points on AlpacaEval 2 across all settings.",
+            "Direct Preference Optimization (DPO) is a widely used offline preference optimization algorithm.",
+            "DPO removes the separate reward model of RLHF from the training loop."]
+    pairs = extractive.extractive_document([_chunk(" ".join(junk), 0), _chunk(" ".join(good), 1)])
+    asked = {p["question"].replace('"SimPO: Simple Preference Optimization"', "P"): p["answer"] for p in pairs}
+    assert set(asked) == {  # nothing from the junk (its section question has no prose lead either)
+        "According to P, what does SimPO outperform?",
+        "In P, what is Direct Preference Optimization (DPO)?",
+        'In P, what does the abbreviation "DPO" stand for?',
+        "According to P, what does DPO remove?",
+    }
+    assert asked['In P, what does the abbreviation "DPO" stand for?'] == "Direct Preference Optimization (DPO)"
+    assert all(a in good for q, a in asked.items() if "abbreviation" not in q)
+
+
+def test_qa_filters_and_near_duplicates_drop_and_count(data):
+    chunk_ = _chunk("Adapters add few parameters. LoRA freezes the weights and trains A and B.")
+    cases = [("What does LoRA freeze?", "LoRA freezes the weights and trains A and B.", None),
+             ("What is DoRA's magnitude?", "The magnitude vector is learned per column.", "not_grounded"),
+             ("Why?", "LoRA freezes the weights and trains A and B.", "question_length")]
+    for question, answer, reason in cases:
+        assert qa.check_pair({"question": question, "answer": answer}, chunk_, data.qa) == reason
+    q = "Which weights does LoRA keep frozen while the low-rank matrices A and B are trained on the task?"
+    candidates = [{"question": question, "answer": "a", "chunk_id": cid, "doc_id": doc, "title": title, "drop": None}
+                  for question, cid, doc, title in [
+                      (q, "c1", "d1", "T1"),
+                      (q.replace("the task", "the tasks"), "c2", "d2", "T2"),  # a near-duplicate in another paper
+                      ('In "T1", what is DPO?', "c1", "d1", "T1"), ('In "T1", what is SFT?', "c1", "d1", "T1"),
+                      ('In "T2", what is DPO?', "c2", "d2", "T2")]]  # the same question about another paper
+    candidates.append({**candidates[0], "drop": "answer_length"})
+    kept, dropped = qa.select(candidates, data.qa)
+    assert [k["question"] for k in kept] == [q, 'In "T1", what is DPO?', 'In "T1", what is SFT?',
+                                             'In "T2", what is DPO?']
+    assert dropped == {"near_duplicate_question": 1, "answer_length": 1}
 
 
 def test_split_is_by_document_and_leak_free(data):
     train, eval_ = read_jsonl(data.paths.train_split), read_jsonl(data.paths.eval_split)
     assert train and eval_
     assert not {p["doc_id"] for p in train} & {p["doc_id"] for p in eval_}
-    assert not {qa.normalise(p["question"]) for p in train} & {qa.normalise(p["question"]) for p in eval_}
+    assert not any(split.seen_in(train, eval_, data.split))
     assert all(p["context"] for p in eval_)  # open-book evaluation needs the source chunk
     assert read_json(data.paths.split_report)["leakage_check"] == "passed"
 
 
-def test_leakage_check_fails_loudly():
-    train = [{"doc_id": "a", "question": "What is LoRA?"}]
+def test_leakage_check_fails_loudly(data):
+    train = [{"doc_id": "a", "question": "Which weights does LoRA keep frozen while it trains A and B on the task?"}]
     with pytest.raises(PipelineError, match="leakage: 1 eval document"):
-        split.check_leakage(train, [{"doc_id": "a", "question": "Other?"}])
-    with pytest.raises(PipelineError, match="1 eval question"):
-        split.check_leakage(train, [{"doc_id": "b", "question": "what is LoRA"}])
+        split.check_leakage(train, [{"doc_id": "a", "question": "Other?"}], data.split)
+    with pytest.raises(PipelineError, match="1 eval question"):  # a near-duplicate, not only an exact copy
+        split.check_leakage(train, [{"doc_id": "b", "question": train[0]["question"].replace("task", "tasks")}],
+                            data.split)
+
+
+def test_export_writes_every_format_and_a_card(data):
+    counts = export.run(data.export, data.qa, data.paths)
+    out = data.paths.export_dir
+    train, eval_ = read_jsonl(data.paths.train_split), read_jsonl(data.paths.eval_split)
+    assert counts == {"train": len(train), "eval": len(eval_)}
+    alpaca = read_jsonl(out / "alpaca" / "train.jsonl")
+    assert alpaca[0] == {"instruction": train[0]["question"], "input": "", "output": train[0]["answer"],
+                         "system": data.export.system_prompt}
+    share = read_jsonl(out / "sharegpt" / "eval.jsonl")
+    assert [m["from"] for m in share[0]["conversations"]] == ["human", "gpt"] and len(share) == len(eval_)
+    chat = read_jsonl(out / "openai" / "train.jsonl")
+    assert [m["role"] for m in chat[0]["messages"]] == ["system", "user", "assistant"] and len(chat) == len(train)
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(out / "hf"))
+    assert ds["train"].num_rows == len(train) and ds["eval"].num_rows == len(eval_)
+    assert ds["eval"][0]["question"] == eval_[0]["question"] and ds["eval"][0]["context"] == eval_[0]["context"]
+    card = (out / "README.md").read_text()
+    assert f"| train | {len(train)} |" in card and "generator: `extractive`" in card
+    assert all(p["title"] in card for p in train + eval_)
 
 
 def test_split_is_stable_when_documents_are_added(data):
@@ -154,5 +236,6 @@ def test_adding_a_pdf_recomputes_only_that_pdf(data, tmp_path, fresh_cache, capl
     assert second["chunk"] == "1 computed, 3 from cache"
     new_chunks = [c for c in read_jsonl(p.paths.chunks) if c["file"] == pdfs[3].name]
     n_chunks = len(read_jsonl(p.paths.chunks))
-    assert second["qa (extractive)"] == f"{len(new_chunks)} computed, {n_chunks - len(new_chunks)} from cache"
+    assert new_chunks and n_chunks > len(new_chunks)
+    assert second["qa (extractive)"] == "1 computed, 3 from cache"  # the offline QA is cached per document
     assert json.loads(p.paths.qa_report.read_text())["documents"] == 4

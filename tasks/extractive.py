@@ -1,0 +1,304 @@
+"""The offline QA backend: questions from a paper's own structure and sentences, answers copied from its text.
+
+Used by tasks/qa.py when `qa.backend: extractive` (no model, no network, deterministic). Per document:
+- one question per section ("What is the section "Method" of <paper> about?"), answered by its first sentences;
+- a definition ("In <paper>, what is DPO?") for "<Name> is a/an/the ..." sentences, and the long form of each
+  abbreviation the paper introduces ("Direct Preference Optimization (DPO)");
+- a method, result or comparison question for "<Name> <verb> ..." ("what does SimPO outperform?"), passives
+  ("what is LLaMA-Adapter trained on?") and findings ("What does <paper> find about West-of-N?");
+- what the authors propose (abstract and introduction).
+A <Name> must be a name the paper uses (an acronym, CamelCase, or a word it capitalises mid-sentence), never a
+pronoun, a sentence opener ("While", "Here") or a symbol ("N"). Answers must read as prose on their own: no
+pronoun openers ("This", "It"), no tables, tables of contents, references, formulas, prompt/response examples,
+and no pointers elsewhere ("We describe these steps in more detail below."). Table chunks are never used.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from tasks.chunk import split_sentences
+
+# Words that open sentences but never name a method, model or dataset.
+_NOT_NAMES = set("""A An The This That These Those It Its They Their Them There Here We Our Us You Your He She His Her
+However Moreover Furthermore Therefore Thus Hence Then While When Where Whereas Which What Who Why How If Although
+Since Because As At By For From In Into On Onto Of Over Under With Without To After Before During Between Among
+Both Each Every All Most Many Some Such Other Another One Two Three First Second Third Finally Also Note Notably
+Table Figure Fig Section Appendix Equation Eq Algorithm Step Example Case Given Let Consider Specifically Instead
+Besides Unlike Like Compared Overall Additionally Similarly Importantly Interestingly Recently Previously Existing
+Following Based Using Due Despite Through Within Across Beyond Towards Toward Unless Once Even Still Only Just
+Yes No Not Human Assistant User Instruction Input Output Response Answer Question Prompt""".split())
+_PRONOUN_OPENERS = set("""This That These Those It Its They Their Them Such Here There He She His Her Both Each Then
+Thus Hence Therefore Similarly Instead Besides Also I You Your Let Table Figure Fig. But And Or So Please""".split())
+# A sentence describing a plot ("the bars from top to bottom ..., red and light green ...") answers nothing.
+_PLOT = re.compile(r"\b(?:red|blue|green|orange|purple|yellow|bars?|dashed|dotted|x-axis|y-axis|legend|heatmap)\b",
+                   re.I)
+_NAME = (r"(?:(?:The|Our)(?:\s+[\w\-]+){1,3}?|"  # "The reward model", or a name: "LLaMA-Adapter V2", "MT-Bench"
+         r"[A-Z][\w\-.]*[\w](?:\s+(?:[A-Z0-9][\w\-]*|v\d[\w.]*|\(\w[\w\-]*\)))*)")  # "LLaMA-Adapter V2", "MT-Bench"
+_ADVERB = r"(?:(?:also|further|consistently|significantly|substantially|only|first|still|even|greatly|clearly)\s+)?"
+_VERBS = ("achieves reaches outperforms surpasses beats matches exceeds underperforms improves reduces increases "
+          "requires uses employs leverages adopts adds freezes trains learns updates inserts keeps removes scales "
+          "decomposes quantizes introduces enables allows consists contains comprises relies generates produces "
+          "predicts selects filters optimizes maximizes minimizes replaces extends combines avoids eliminates "
+          "supports performs shows demonstrates yields obtains captures encodes computes measures evaluates "
+          "provides builds assigns").split()
+_COMPARE = {"outperforms", "surpasses", "beats", "matches", "exceeds", "underperforms"}
+_DEFINITION = re.compile(rf"^(?P<term>{_NAME})(?:\s+(?P<verb>is|are|refers to|denotes)|,)\s+(?:a|an|the|one)\s")
+# "WizardLM achieved ...", but not the reduced relative clause "Models trained on X were ...".
+_PAST_CLAIM = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>\w+ed)\s+(?!is\b|are\b|was\b|were\b|in\b|on\b|by\b|"
+                         rf"for\b|with\b|to\b|from\b|as\b|using\b|via\b)\w")
+_CAN = re.compile(rf"^(?P<subj>{_NAME})\s+can\s+{_ADVERB}(?P<verb>(?!be\b|always\b|not\b|also\b|only\b|still\b)[a-z]+(?<!ly))\s+\w")
+_CLAIM = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>{'|'.join(_VERBS)})\s+\w")
+# Plural subjects: "LLMs achieve ...", "Reward models learn ..."
+_PLURAL_CLAIM = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>{'|'.join(v[:-2] if v.endswith(('ches', 'shes', 'sses', 'xes')) else v[:-1] for v in _VERBS)})\s+\w")
+_PASSIVE = re.compile(rf"^(?P<subj>{_NAME})\s+(?P<be>is|are|was|were)\s+{_ADVERB}"
+                      r"(?P<part>\w+ed|built|made|taken|given|chosen|written|drawn|held|run)\s+"
+                      r"(?P<prep>on|with|by|from|in|for|using|via|as|into)\s+\w")
+_FINDING = re.compile(rf"^(?:We|Our (?:results|experiments|analysis))\s+(?:also\s+)?(?:find|found|observe|observed|"
+                      rf"show|showed|demonstrate|note|notice)\s+that\s+(?P<subj>{_NAME})\s+\w")
+_PURPOSE = re.compile(r"^To (?P<goal>[a-z][^,;]{8,90}), (?:we|the authors) (?:\w+ )?\w+")
+_OPENER = re.compile(r"^(?:However|Moreover|Furthermore|Additionally|Finally|Overall|Notably|Specifically|Importantly|"
+                     r"Interestingly|Surprisingly|Consequently|Empirically|In addition|In particular|In contrast|"
+                     r"As a result|In practice|In summary|First|Second|Third|Third|Next|Then),\s+")
+_DEIXIS = re.compile(r"\b(?:this|these|that|those|it|its|them|such|above|former|latter)\b", re.I)
+# "We evaluate SimPO on AlpacaEval 2." → "What do the authors of <paper> evaluate SimPO on?"
+_WE_DO = re.compile(r"^We (?:also |further |first |then |additionally )?(?P<verb>evaluate|train|fine-tune|finetune|"
+                    r"compare|test|pre-train|pretrain|apply|initialize|benchmark|set|use|adopt|employ|choose|select)"
+                    r"(?:d|ed)? (?P<obj>[\w\-.]+(?: [\w\-.]+){0,4}?) (?P<prep>on|with|to|against|using|as|for) "
+                    r"(?P<rest>[\w\-])")
+_FOR = re.compile(r"^For (?P<x>[a-zA-Z][^,;]{2,50}), we (?:also )?(?P<verb>use|adopt|employ|follow|set|choose|select|"
+                  r"apply|report|consider|train|evaluate|sample|collect)\b")
+_PROPOSE = re.compile(r"\b(?:we|this paper|this work)\s+(?:propose|introduce|present|describe)s?\b", re.I)
+_ABBREVIATION = re.compile(r"(?P<long>(?:[\w\-]+\s+){1,7}?[\w\-]+)\s+\((?P<short>[A-Z][A-Za-z0-9\-]*[A-Z][a-z]?s?)\)")
+_FUNCTION_WORDS = {"of", "for", "from", "with", "and", "the", "a", "an", "to", "in", "on", "via", "by"}
+
+# Answers that are not prose: references, tables of contents, formulas, tables, examples, pointers elsewhere.
+_REFERENCE = re.compile(r"arXiv|preprint|Proceedings|In Advances|Conference on|https?://|doi\.org|\bURL\b|"
+                        r"\bpp\.\s*\d|\bvol\.\s*\d", re.I)
+_TOC = re.compile(r"(?:\.\s){3,}|\.{4,}")
+_MATH = re.compile(r"[=∑∏∫θπλαβγδσμτφψωΔ∈≤≥≈×→←∀∃⊂∗·|^_{}\\]")
+_EXAMPLE = re.compile(r"\bPrompt format\b|\bExample prompt\b|\bDataset features\b|^Prompt |\b(?:Instruction|Input|Output|Response|Human|Assistant|USER|ASSISTANT|Answer|Question|"
+                      r"Prompt|Context)\s*:|###|<\|")
+_POINTER = re.compile(r"\b(?:below|as follows|the following|aforementioned|in more detail)\b", re.I)
+_NUMBER = re.compile(r"^[\d.,%±()\-–]+$")
+
+
+def prose(sentence: str) -> bool:
+    """A sentence that answers something on its own."""
+    words = sentence.split()
+    if not 6 <= len(words) <= 60 or not sentence[0].isupper() or sentence[-1] not in ".!":
+        return False
+    if sum(ch.isalpha() for ch in words[0]) < 2 and words[0] != "A":  # a symbol as subject: "N is the number of"
+        return False
+    if _PLOT.search(sentence) or sentence.endswith("et al.") or re.match(r"^\S+(?: \S+){0,3} then\b", sentence):
+        return False  # a plot's description, a citation cut in two, a step that needs the previous one
+    if len(words) < 10 and re.search(r"\b(?:them|it|this|these|those)\b", sentence, re.I):
+        return False  # "We listed them in Table 5."
+    if words[0].rstrip(",") in _PRONOUN_OPENERS or _POINTER.search(sentence) or _EXAMPLE.search(sentence):
+        return False
+    if _REFERENCE.search(sentence) or _TOC.search(sentence) or len(_MATH.findall(sentence)) >= 2:
+        return False
+    if re.search(r"\(\d{1,2}\)\s*\.?$", sentence):  # ends with an equation number
+        return False
+    if sentence.count("(") != sentence.count(")") or re.search(r"•|\.\.\.|…|\[[A-Z]+\]|\(i+\)", sentence):
+        return False  # a fragment cut from a figure or list, a placeholder, an elided example
+    if ":" in " ".join(words[:5]) or re.match(r"(?:[A-Z]|\d+)\.\d", sentence):  # a label, or a heading run in
+        return False
+    if sum(w.islower() for w in words) < 0.4 * len(words):  # a run of names and numbers from a figure, not prose
+        return False
+    letters = sum(ch.isalpha() for ch in sentence)
+    return letters >= 0.7 * len(sentence.replace(" ", "")) and sum(bool(_NUMBER.match(w)) for w in words) <= 5
+
+
+def names_in(chunks: list[dict]) -> tuple[Counter, str]:
+    """Capitalised words the paper uses inside sentences (not only as their first word): its names; and its
+    lower-cased text, to tell a recurring concept ("the reward model") from a passing phrase."""
+    counts: Counter = Counter()
+    for c in chunks:
+        for m in re.finditer(r"(?<=[a-z,;] )([A-Z][\w\-]*)", c["text"]):
+            counts[m[1]] += 1
+    return counts, " ".join(c["text"].lower() for c in chunks)
+
+
+_VAGUE = set("""goal idea result results reason answer difference key main effect first second last same other rest
+problem question approach method methods model models work paper study following process task data first final
+overall proposed original new current above previous latter former code example examples response responses
+prompt prompts answer answers output outputs input inputs user assistant text passage""".split())
+
+
+def _name(phrase: str, names: tuple[Counter, str]) -> str | None:
+    """The phrase if it names something of the paper: a name (SimPO, GPT-4, a word the paper capitalises
+    mid-sentence), or "the <concept>" when the paper uses that concept at least three times; else None."""
+    words = phrase.split()
+    first = words[0]
+    if first in ("The", "Our") and 2 <= len(words) <= 4 and not _VAGUE & {w.lower() for w in words[1:]}:
+        concept = " ".join(words[1:]).lower()
+        if names[1].count(concept) >= 3 and all(w[0].isalnum() for w in words[1:]):
+            return "the " + " ".join(words[1:]) if first == "The" else None
+        return None
+    if 2 <= len(words) <= 4 and all(w.islower() for w in words[1:]) and first[1:].islower() \
+            and first not in _NOT_NAMES and names[1].count(phrase.lower()) >= 3:
+        return phrase.lower()  # "Instruction tuning is ...": a concept the paper keeps using
+    if first in _NOT_NAMES or len(words) > 5 or sum(ch.isalpha() for ch in first) < 2:
+        return None
+    # SimPO, GPT-4, LLaMA, MT-Bench, "Direct Preference Optimization (DPO)"
+    distinctive = any(ch.isupper() or ch.isdigit() for w in words for ch in w.strip("()")[1:])
+    return phrase if distinctive or names[0][first] >= 2 else None
+
+
+_PARTICLE = {"consist": "consist of", "rely": "rely on"}  # "what does SimPO consist of?"
+
+
+def _base(verb: str) -> str:
+    base = verb[:-2] if verb.endswith(("ches", "shes", "sses", "xes")) else verb[:-1]
+    base = "rely" if base == "relie" else base
+    return _PARTICLE.get(base, base)
+
+
+def _infinitive(past: str) -> str | None:
+    """ "outperformed" → "outperform" for the verbs of claims, else None."""
+    for verb in _VERBS:
+        base = _base(verb)
+        if past in (base + "ed", base + "d", base[:-1] + "ied" if base.endswith("y") else ""):
+            return base
+    return None
+
+
+def _abbreviations(sentence: str) -> list[str]:
+    """ "Direct Preference Optimization (DPO)" where the long form's initials spell the abbreviation."""
+    out = []
+    for m in _ABBREVIATION.finditer(sentence):
+        short = m["short"].rstrip("s") if m["short"][-1] == "s" and m["short"][-2].isupper() else m["short"]
+        letters = [ch.lower() for ch in short if ch.isalpha()]
+        words = m["long"].split()
+        for start in range(len(words)):  # the shortest tail of the phrase whose initials spell it
+            tail = words[start:]
+            parts = [p for w in tail for p in w.split("-") if p]
+            initials = [p[0].lower() for p in parts if p.lower() not in _FUNCTION_WORDS]
+            if initials == letters and tail[0].lower() not in _FUNCTION_WORDS:
+                out.append(f"{' '.join(tail)} ({m['short']})")
+                break
+    return out
+
+
+# Sections whose lead is thanks, or a prompt or model output shown as an example: nothing a reader would ask about.
+_NO_SECTION_QUESTION = re.compile(r"acknowledg|contribution|funding|prompt|template|example|case stud",
+                                  re.I)
+
+
+def section_name(section: str) -> str | None:
+    """ "3.2 Method" → "Method"; None for headings that are not a section name (sentences, page numbers)."""
+    name = re.sub(r"^(?:[A-Z]|\d+)(?:\.\d+)*\.?\s+", "", section).strip().rstrip(".")
+    name = re.sub(r"\s+\d+$", "", name)  # "Introduction 4": a table-of-contents entry's page number
+    words = name.split()
+    if _NO_SECTION_QUESTION.search(name):
+        return None
+    if not 1 <= len(words) <= 8 or not name[0].isupper() or sum(ch.isalpha() for ch in name) < 4:
+        return None
+    return None if section.rstrip().endswith((".", "?", ":")) and len(words) > 3 else name
+
+
+def sentence_pairs(sentence: str, paper: str, section: str, names: tuple) -> list[tuple[str, str, str]]:
+    """(kind, question, answer) for one sentence; the answer is the sentence, or a phrase of it."""
+    out = [("definition", f'In {paper}, what does the abbreviation "{a.split("(")[-1][:-1]}" stand for?', a)
+           for a in _abbreviations(sentence)]
+    if not prose(sentence):
+        return out
+    answer, sentence = sentence, _OPENER.sub("", sentence)  # "However, SimPO ...": the question is about SimPO
+    sentence = sentence[0].upper() + sentence[1:]
+    if (m := _DEFINITION.match(sentence)) and (term := _name(m["term"], names)):
+        be = "are" if m["verb"] == "are" or (not m["verb"] and term.endswith("s") and term[-2].islower()) else "is"
+        out.append(("definition", f"In {paper}, what {be} {term}?", answer))
+    elif (m := _CLAIM.match(sentence)) and (subj := _name(m["subj"], names)):
+        kind = "comparison" if m["verb"] in _COMPARE else "result" if re.search(r"\d", sentence) else "method"
+        out.append((kind, f"According to {paper}, what does {subj} {_base(m['verb'])}?", answer))
+    elif (m := _PLURAL_CLAIM.match(sentence)) and (subj := _name(m["subj"], names)) and subj.endswith("s"):
+        kind = "comparison" if m["verb"] + "s" in _COMPARE else "result" if re.search(r"\d", sentence) else "method"
+        out.append((kind, f"According to {paper}, what do {subj} {_PARTICLE.get(m['verb'], m['verb'])}?", answer))
+    elif (m := _PAST_CLAIM.match(sentence)) and _infinitive(m["verb"]) and (subj := _name(m["subj"], names)) \
+            and subj[0].isupper():
+        verb = _infinitive(m["verb"])
+        kind = "comparison" if verb + "s" in _COMPARE else "result" if re.search(r"\d", sentence) else "method"
+        out.append((kind, f"According to {paper}, what did {subj} {verb}?", answer))
+    elif (m := _CAN.match(sentence)) and (subj := _name(m["subj"], names)):
+        out.append(("method", f"According to {paper}, what can {subj} {m['verb']}?", answer))
+    elif (m := _PASSIVE.match(sentence)) and (subj := _name(m["subj"], names)):
+        out.append(("method", f"In {paper}, what {m['be']} {subj} {m['part']} {m['prep']}?", answer))
+    elif (m := _FINDING.match(sentence)) and (subj := _name(m["subj"], names)):
+        out.append(("result", f"What does {paper} find about {subj}?", answer))
+    elif (m := _PURPOSE.match(sentence)) and not _DEIXIS.search(m["goal"]):
+        goal = re.sub(r"\bour\b", "their", m["goal"])
+        out.append(("method", f"How do the authors of {paper} {goal}?", answer))
+    elif (m := _WE_DO.match(sentence)) and not _DEIXIS.search(m["obj"]) and m["obj"].split()[0] not in ("a", "an") \
+            and not m["obj"].startswith("the same"):
+        verb = {"finetune": "fine-tune", "pretrain": "pre-train"}.get(m["verb"], m["verb"])
+        if m["verb"] in ("use", "adopt", "employ", "choose", "select"):  # what is used: the object is the answer
+            rest = re.sub(r"\bour\b", "their", sentence[m.start("rest"):].rstrip("."))
+            if len(rest.split()) <= 12 and not _DEIXIS.search(rest) and not re.match(r"(?:in|defined|[A-Z])", rest):
+                out.append(("method", f"What do the authors of {paper} {verb} {m['prep']} {rest}?", answer))
+        else:
+            kind = "comparison" if verb == "compare" else "method"
+            obj = re.sub(r"\bour\b", "their", m["obj"])
+            out.append((kind, f"What do the authors of {paper} {verb} {obj} {m['prep']}?", answer))
+    elif (m := _FOR.match(sentence)) and not _DEIXIS.search(m["x"]):
+        out.append(("method", f"What do the authors of {paper} {m['verb']} for {m['x']}?", answer))
+    elif _PROPOSE.search(sentence) and section.lower() in ("abstract", "introduction", "conclusion", "conclusions") \
+            and not sentence.rstrip(".").endswith(":"):  # elsewhere "we present ..." is mostly results or setup
+        out.append(("proposal", f"What do the authors of {paper} propose?", answer))
+    return out
+
+
+# GPT-4, GPT-3.5, AlpacaEval 2, LLaMA-Adapter V2 (whole tokens only: not "GPT-3" inside "GPT-3.5")
+_DISTINCT = re.compile(r"(?<![\w\-.;/+])[A-Z][a-z]*[A-Z0-9][\w\-]*(?:\.\d+)?(?: (?:\d[\d.]*|V\d))?(?![\w\-;/+]|\.\d)")
+_GENERIC = set("""AI API CPU GPU NLP NLU NLG LLM LLMs LM LMs QA ML RL URL HTTP CSS HTML JSON PDF SOTA MUST NOT""".split())
+_ADJECTIVE_SUFFIX = re.compile(r"-(?:generated|based|style|like|tuned|only|level|free|sized?|specific|aware|aligned)$")
+
+
+def topic_pairs(found: dict[str, tuple[int, str, str]], counts: Counter, title: str, paper: str) -> list[tuple]:
+    """ "What does <paper> say about AlpacaEval 2?" for each name the paper uses in at least two chunks, answered
+    by the sentence that puts it most up front (within its first words: the sentence is about it)."""
+    return [("fact", f"What does {paper} say about {name}?", sentence, chunk_id)
+            for name, (_, sentence, chunk_id) in found.items()
+            if counts[name] >= 2 and name not in title and name not in _GENERIC and not _ADJECTIVE_SUFFIX.search(name)]
+
+
+def extractive_document(chunks: list[dict]) -> list[dict]:
+    """Candidate pairs for one document's chunks (in reading order), each with its chunk_id."""
+    text_chunks = [c for c in chunks if c.get("kind", "text") == "text" and not len(_EXAMPLE.findall(c["text"])) > 1]
+    names = names_in(text_chunks)
+    pairs: list[dict] = []
+    seen_sections: set[str] = set()
+    topics: dict[str, tuple[int, str, str]] = {}
+    # In how many chunks a name appears: a name used in one place only is often part of a worked example.
+    mentions: Counter = Counter(n for c in text_chunks for n in {m[0] for m in _DISTINCT.finditer(c["text"])})
+    for c in text_chunks:
+        paper = f'"{c["title"]}"'
+        sentences = split_sentences(c["text"].replace("\n\n", " "))
+        found: list[tuple[str, str, str]] = []
+        name = section_name(c["section"])
+        if name and c["section"] not in seen_sections:  # one question per section, from its first chunk
+            seen_sections.add(c["section"])
+            lead = [s for s in sentences[:4] if prose(s)][:2]
+            where = "abstract" if name.lower() == "abstract" else f'section "{name}"'
+            if lead:
+                found.append(("section", f"What is the {where} of {paper} about?", " ".join(lead)))
+        for s in sentences:
+            pairs_of_s = sentence_pairs(s, paper, name or "", names)
+            found += pairs_of_s
+            if not [k for k in pairs_of_s if k[0] != "definition" or "abbreviation" not in k[1]] and prose(s) \
+                    and len(s.split()) >= 8:
+                for m in _DISTINCT.finditer(" ".join(s.split()[:6])):
+                    if m.start() < topics.get(m[0], (10**6,))[0]:
+                        topics[m[0]] = (m.start(), s, c["chunk_id"])
+        questions = set()
+        for kind, question, answer in found:
+            # a question about a symbol ("... with and without S?") means nothing without the formula
+            if question not in questions and not re.search(r"\s[B-HJ-Z]\b(?!-)|\s[a-z]\?", question):
+                questions.add(question)
+                pairs.append({"kind": kind, "question": question, "answer": answer, "chunk_id": c["chunk_id"]})
+    if text_chunks:
+        title = text_chunks[0]["title"]
+        for kind, question, answer, chunk_id in topic_pairs(topics, mentions, title, f'"{title}"'):
+            pairs.append({"kind": kind, "question": question, "answer": answer, "chunk_id": chunk_id})
+    return pairs

@@ -1,0 +1,72 @@
+"""The `hf` teacher backend on the builtin tiny model (plumbing: its replies are noise), and the request cache."""
+
+import pytest
+
+from tasks import base_model, qa, teacher
+from tasks.common import PipelineError, write_jsonl
+from tests.conftest import in_flow, make_params
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Params whose QA teacher is the builtin tiny model, loaded from its local folder by transformers."""
+    p = make_params(tmp_path_factory.mktemp("hf"))
+    base_model.run(p.model, p.paths)
+    hf = p.qa.hf.model_copy(update={"model": str(p.paths.base_model), "batch_size": 3})
+    teach = p.qa.teacher.model_copy(update={"max_new_tokens": 12, "temperature": 0.0})
+    return p.model_copy(update={"qa": p.qa.model_copy(update={"backend": "hf", "hf": hf, "teacher": teach})})
+
+
+CHUNKS = [{"chunk_id": f"c{i}", "doc_id": "d", "title": "LoRA", "section": "2 Method", "page_start": 1,
+           "page_end": 1, "kind": "text", "n_tokens": 30 + 40 * i,
+           "text": "LoRA freezes the pretrained weights and trains two low-rank matrices. " * (i + 1)}
+          for i in range(4)]
+
+
+@pytest.mark.slow  # generates with a model
+def test_batched_left_padded_generation_matches_one_by_one(tiny, tmp_path):
+    prompts = [f"Question {i}: " + "what does LoRA freeze? " * (i * 3 + 1) for i in range(4)]  # unequal lengths
+    batched = teacher.complete(teacher.endpoint(tiny.qa, "teacher"), prompts, tmp_path / "a")
+    one = tiny.qa.model_copy(update={"hf": tiny.qa.hf.model_copy(update={"batch_size": 1})})
+    single = teacher.complete(teacher.endpoint(one, "teacher"), prompts, tmp_path / "b")
+    assert batched == single and all(isinstance(r, str) and r for r in batched)
+    # Every reply is now cached: asking again generates nothing.
+    stats = teacher.Counter()
+    assert teacher.complete(teacher.endpoint(tiny.qa, "teacher"), prompts, tmp_path / "a", stats=stats) == batched
+    assert stats == {"cache_hits": 4}
+
+
+@pytest.mark.slow  # generates with a model
+def test_malformed_replies_are_counted_never_cached_and_nothing_is_written(tiny, tmp_path):
+    result = qa.qa_document(CHUNKS, tiny.qa, tmp_path / "cache")
+    assert result["pairs"] == [] and result["teacher"] == {"cache_hits": 0, "sent": 4, "malformed": 4}
+    assert not list((tmp_path / "cache").rglob("*.json"))  # a malformed reply is asked again next time
+    p = tiny.model_copy(update={"paths": tiny.paths.model_copy(update={
+        "chunks": tmp_path / "chunks.jsonl", "qa": tmp_path / "qa.jsonl", "qa_cache": tmp_path / "cache"})})
+    write_jsonl(p.paths.chunks, CHUNKS)
+    p.paths.qa.write_text('{"previous": "run"}\n')
+    with pytest.raises(PipelineError, match="no question-answer pair survived.*malformed replies 4"):
+        in_flow(qa.run, p.qa, p.paths)
+    assert p.paths.qa.read_text() == '{"previous": "run"}\n'  # the previous good output stays
+
+
+def test_pairs_asked_in_proportion_to_chunk_length(tiny):
+    assert [qa.pairs_wanted(c, tiny.qa) for c in CHUNKS] == [
+        max(1, min(tiny.qa.max_pairs_per_chunk, round(c["n_tokens"] / tiny.qa.teacher.tokens_per_pair)))
+        for c in CHUNKS]
+    assert qa.pairs_wanted(CHUNKS[0], tiny.qa) < qa.pairs_wanted(CHUNKS[-1], tiny.qa)
+    prompt = tiny.qa.teacher.prompt_template.format(title="LoRA", section="2 Method", text="T", n=3)
+    assert "Write 3 question-answer pairs" in prompt and '"LoRA"' in prompt and "Table 3" in prompt
+
+
+def test_request_key_covers_model_prompt_and_sampling(tiny, tmp_path):
+    ep = teacher.endpoint(tiny.qa, "teacher")
+    rev = teacher.model_revision(ep)
+    key = teacher.request_key(ep, rev, "prompt")
+    assert key == teacher.request_key(ep, rev, "prompt")
+    hotter = teacher.Endpoint(ep.backend, ep.settings, 0.7, ep.max_new_tokens)
+    assert len({key, teacher.request_key(ep, rev, "prompt!"), teacher.request_key(hotter, rev, "prompt"),
+                teacher.request_key(ep, "other-revision", "prompt")}) == 4
+    # A rebuilt local model is another model: its folder's fingerprint changes, so no reply of the old one is reused.
+    (tiny.paths.base_model / "config.json").touch()
+    assert teacher.model_revision(ep) != rev
