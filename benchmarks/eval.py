@@ -14,10 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tasks.adapter import build_prompt, generate, load_finetuned  # noqa: E402
 from tasks.common import dir_hash, read_jsonl  # noqa: E402
-from tasks.evaluate import generate, load_finetuned  # noqa: E402
 from tasks.params import load_params  # noqa: E402
-from tasks.train import build_prompt  # noqa: E402
 
 
 def main() -> None:

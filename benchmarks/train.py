@@ -1,13 +1,17 @@
 """Training benchmarks, measured side by side in one run (figures and ratios, never pass/fail).
 
-Run:  python benchmarks/train.py [--params params.yaml] [--steps 20] [--skip-memory]
+Run:  python benchmarks/train.py [--params params.yaml] [--steps 20] [--skip-memory] [--skip-throughput]
+                                 [--memory-steps 3]
 
 1. Throughput: the pipeline's training (padding-free packed batches, loss on answer tokens only) against a plain
    HF Trainer recipe (every example padded to max_seq_length, loss on every token), same data, same 4-bit
    tiny model, same steps. Reported as real (non-pad) tokens per second.
 2. Memory: LoRA training of a 0.5B-parameter-shaped random Llama (Qwen2.5-0.5B's shape; built here,
    nothing downloaded) with the base in 4-bit NF4 vs in bf16 (both with bf16 compute), each in its own
-   process: the weights' footprint, the peak RSS while loading, and the peak RSS while training.
+   process: the weights' footprint, the peak RSS while loading, the peak RSS while training, tokens/s and the
+   last loss; both with the pipeline's loss (tasks/loss.py: logits only where the next token is learned, frozen
+   embedding kept in bf16), and 4-bit once more as before issue 10 (full logits, fp32 embedding).
+   Goal (issue 10): 4-bit train peak ≤ 0.6x bf16's.
 Needs the pipeline's base model and split: run `dvc repro split` first.
 """
 
@@ -72,27 +76,52 @@ def _rss_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def peak_memory_child(model_dir: str, quantization: str) -> None:
-    """In a fresh process: load, then LoRA-train 3 steps; print resident memory after loading and the peak
-    while training (the peak is reset after loading through /proc/self/clear_refs)."""
+def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) -> None:
+    """In a fresh process: load, then LoRA-train `steps` steps; print resident memory after loading, the peak
+    while training (the peak is reset after loading through /proc/self/clear_refs), tokens/s and the last loss.
+    loss "kept": the pipeline's (tasks/loss.py: logits only where the next token is learned, frozen embedding in
+    the compute dtype); "full": logits at every position and the embedding left in fp32 (before issue 10)."""
+    from tasks.loss import selective_loss, with_loss_positions
+
     p = load_params()
     # bf16 compute for both, so that only the storage of the frozen base differs.
-    cfg = p.train.model_copy(update={"quantization": quantization, "compute_dtype": "bfloat16"})
+    # The QLoRA memory recipe, whatever params.yaml's tiny-model recipe says: LoRA r16 on every linear layer, frozen
+    # embedding and head (a trained 152k-vocab head would dominate both runs), gradient checkpointing.
+    cfg = p.train.model_copy(update={"quantization": quantization, "compute_dtype": "bfloat16", "lora_r": 16,
+                                     "lora_alpha": 32, "modules_to_save": [], "gradient_checkpointing": True})
+    torch.manual_seed(0)
     model = train.lora_model(Path(model_dir), cfg)
+    if loss == "full" and quantization != "none":
+        model.get_input_embeddings().to(torch.float32)  # what prepare_model_for_kbit_training leaves
     # Weights as held by the model (RSS after loading would undercount bf16: safetensors stay memory-mapped).
     loaded = model.get_memory_footprint() / 2**20
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=1e-4)
-    ids = torch.randint(0, HALF_B["vocab_size"], (4, 256))
-    for _ in range(3):
-        model(input_ids=ids, labels=ids).loss.backward()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, HALF_B["vocab_size"], (4, 256), generator=g)
+    labels = ids.clone()
+    labels[:, :192] = -100  # QA rows: a 192-token prompt, a 64-token answer (completion-only loss)
+    batch = with_loss_positions(lambda _: {"input_ids": ids, "labels": labels})(None)
+    start = time.perf_counter()
+    for _ in range(steps):
+        if loss == "kept":
+            out = model(input_ids=ids, logits_to_keep=batch["logits_to_keep"])
+            value = selective_loss(out, labels)
+        else:
+            value = model(input_ids=ids, labels=labels).loss
+        value.backward()
         opt.step()
         opt.zero_grad()
-    print(json.dumps({"loaded_mb": loaded, "load_peak_mb": load_peak, "train_peak_mb": _rss_mb("VmHWM")}))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"loaded_mb": loaded, "load_peak_mb": load_peak, "train_peak_mb": _rss_mb("VmHWM"),
+                      "tokens_per_s": steps * ids.numel() / seconds, "last_loss": float(value)}))
 
 
-def peak_memory() -> dict:
+RUNS = (("4bit", "kept", "4bit_nf4"), ("none", "kept", "bf16"), ("4bit", "full", "4bit_nf4_before"))
+
+
+def peak_memory(steps: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(tempfile.mkdtemp(prefix="papertune-0.5b-"))
@@ -103,9 +132,11 @@ def peak_memory() -> dict:
     (folder / "base_model.json").write_text(json.dumps({"name_or_path": None, "revision": None}))
     del model
     out = {"params_millions": round(n_params / 1e6)}
-    for quantization, label in (("4bit", "4bit_nf4"), ("none", "bf16")):
-        r = subprocess.run([sys.executable, __file__, "--child", str(folder), quantization],
-                           capture_output=True, text=True, check=True)
+    for quantization, loss, label in RUNS:
+        r = subprocess.run([sys.executable, __file__, "--child", str(folder), quantization, loss, str(steps)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"memory run {label} failed:\n{r.stderr[-3000:]}")
         out[label] = json.loads(r.stdout.strip().splitlines()[-1])
     return out
 
@@ -115,31 +146,39 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true", help="only the 0.5B memory runs (no pipeline data)")
+    ap.add_argument("--memory-steps", type=int, default=3)
     args = ap.parse_args()
     p = load_params(args.params)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    packed = throughput(p, args.steps, packed=True)
-    padded = throughput(p, args.steps, packed=False)
-    print(f"training throughput, tiny model in 4-bit, {args.steps} steps of "
-          f"{p.train.per_device_train_batch_size} examples (real tokens/s: pad tokens excluded)")
-    print(f"  pipeline (packed, answer-only loss): {packed['real_tokens_per_s']:8.0f} tok/s  ({packed['seconds']:.1f} s)")
-    print(f"  plain padded Trainer baseline:       {padded['real_tokens_per_s']:8.0f} tok/s  ({padded['seconds']:.1f} s)")
-    print(f"  ratio pipeline / baseline:           {packed['real_tokens_per_s'] / padded['real_tokens_per_s']:8.2f}x")
+    if not args.skip_throughput:
+        packed = throughput(p, args.steps, packed=True)
+        padded = throughput(p, args.steps, packed=False)
+        print(f"training throughput, tiny model in 4-bit, {args.steps} steps of "
+              f"{p.train.per_device_train_batch_size} examples (real tokens/s: pad tokens excluded)")
+        print(f"  pipeline (packed, answer-only loss): {packed['real_tokens_per_s']:8.0f} tok/s  ({packed['seconds']:.1f} s)")
+        print(f"  plain padded Trainer baseline:       {padded['real_tokens_per_s']:8.0f} tok/s  ({padded['seconds']:.1f} s)")
+        print(f"  ratio pipeline / baseline:           {packed['real_tokens_per_s'] / padded['real_tokens_per_s']:8.2f}x")
     if not args.skip_memory:
-        mem = peak_memory()
-        print(f"memory (RSS), LoRA on a {mem['params_millions']}M-parameter random Llama, bf16 compute, "
-              f"3 steps of batch 4 x 256")
-        print(f"  {'':18}{'weights':>12}{'load peak':>12}{'train peak':>12}")
-        for label in ("4bit_nf4", "bf16"):
+        mem = peak_memory(args.memory_steps)
+        print(f"memory (RSS), LoRA on a {mem['params_millions']}M-parameter random Llama (Qwen2.5-0.5B's shape), bf16 "
+              f"compute, {args.memory_steps} steps of batch 4 x 256 (QA rows: 64 answer tokens of 256)")
+        print(f"  {'':18}{'weights':>12}{'load peak':>12}{'train peak':>12}{'tokens/s':>10}{'last loss':>11}")
+        for _, _, label in RUNS:
             m = mem[label]
-            print(f"  {label:<18}{m['loaded_mb']:>9.0f} MB{m['load_peak_mb']:>9.0f} MB{m['train_peak_mb']:>9.0f} MB")
-        for key in ("loaded_mb", "train_peak_mb"):
-            name = {"loaded_mb": "weights", "train_peak_mb": "train peak RSS"}[key]
+            print(f"  {label:<18}{m['loaded_mb']:>9.0f} MB{m['load_peak_mb']:>9.0f} MB{m['train_peak_mb']:>9.0f} MB"
+                  f"{m['tokens_per_s']:>10.0f}{m['last_loss']:>11.3f}")
+        print("  (4bit_nf4 and bf16: the pipeline's loss, logits only where learned; 4bit_nf4_before: full logits, "
+              "fp32 embedding)")
+        for key in ("loaded_mb", "train_peak_mb", "tokens_per_s"):
+            name = {"loaded_mb": "weights", "train_peak_mb": "train peak RSS", "tokens_per_s": "tokens/s"}[key]
             print(f"  ratio 4-bit / bf16, {name}: {mem['4bit_nf4'][key] / mem['bf16'][key]:.2f}x")
+        print(f"  4-bit now / before: train peak {mem['4bit_nf4']['train_peak_mb'] / mem['4bit_nf4_before']['train_peak_mb']:.2f}x, "
+              f"tokens/s {mem['4bit_nf4']['tokens_per_s'] / mem['4bit_nf4_before']['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        peak_memory_child(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        peak_memory_child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:
         main()

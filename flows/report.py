@@ -1,4 +1,4 @@
-"""Print the ROUGE table of the last evaluation and where to look next.
+"""Print the scores of the last evaluation (ROUGE, token F1, exact match, by question kind) and where to look next.
 
 Run:  python -m flows.report [--params params.yaml]     (`make run` ends with it)
 """
@@ -10,26 +10,60 @@ import sys
 from tasks.common import read_json
 from tasks.params import params_arg
 
-METRICS = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+READ = "read_documents"  # tasks.evaluate.READ (not imported: the report must not pay evaluate's imports)
+
+
+def _ci(r: dict, key: str) -> str:
+    return f"[{r[key + '_ci95'][0]:.3f}, {r[key + '_ci95'][1]:.3f}]"
+
+
+def blocks(report: dict) -> list[tuple[str, dict]]:
+    """(name, {"base": ..., "finetuned": ...}) for the held-out modes first, then each gold set's modes."""
+    out = [(mode, res) for mode, res in report.items() if mode != READ and "base" in res]
+    out += [(f"{name}/{mode}", res) for name, modes in report.items() if name != READ and "base" not in modes
+            for mode, res in modes.items()]
+    return out
 
 
 def table(report: dict) -> str:
-    rows = [f"{'eval':<28}{'model':<11}" + "".join(f"{m:>10}" for m in METRICS) + f"{'rougeL 95% CI':>18}{'n':>6}"]
-    blocks = [(mode, res) for mode, res in report.items() if "base" in res]
-    blocks += [(f"{name}/{mode}", res) for name, modes in report.items() if "base" not in modes
-               for mode, res in modes.items()]
-    for name, res in blocks:
+    rows = [f"{'eval':<24}{'model':<11}{'ROUGE-L':>9}{'95% CI':>17}{'F1':>8}{'95% CI':>17}{'EM':>7}{'n':>6}"]
+    for name, res in blocks(report):
         for model in ("base", "finetuned"):
             r = res[model]
-            ci = f"[{r['rougeL_ci95'][0]:.3f}, {r['rougeL_ci95'][1]:.3f}]"
-            rows.append(f"{name:<28}{model:<11}" + "".join(f"{r[m]:>10.3f}" for m in METRICS) + f"{ci:>18}{r['n']:>6}")
+            rows.append(f"{name:<24}{model:<11}{r['rougeL']:>9.3f}{_ci(r, 'rougeL'):>17}{r['f1']:>8.3f}"
+                        f"{_ci(r, 'f1'):>17}{r['exact_match']:>7.3f}{r['n']:>6}")
     return "\n".join(rows)
+
+
+def kind_table(report: dict) -> str:
+    """Token F1 per question kind, base → fine-tuned, for each evaluation."""
+    rows = [f"{'eval':<24}{'kind':<14}{'n':>5}{'F1 base':>10}{'F1 tuned':>10}{'ROUGE-L tuned':>15}"]
+    for name, res in blocks(report):
+        for kind, tuned in res["finetuned"]["by_kind"].items():
+            base = res["base"]["by_kind"][kind]
+            rows.append(f"{name:<24}{kind:<14}{tuned['n']:>5}{base['f1']:>10.3f}{tuned['f1']:>10.3f}"
+                        f"{tuned['rougeL']:>15.3f}")
+    return "\n".join(rows)
+
+
+def reading(report: dict) -> str:
+    read = report.get(READ)
+    if not read:
+        return ""
+    held = read["held_out_documents"]
+    return (f"training read {len(read['documents'])} document(s) (train.read_documents={read['setting']}); "
+            f"{len(held)} of them held out (their text read, none of their QA pairs trained on)")
 
 
 if __name__ == "__main__":
     p = params_arg(__doc__.splitlines()[0])
     if not p.paths.eval_metrics.exists():
         sys.exit(f"error: {p.paths.eval_metrics} not found: run the pipeline first (make run / dvc repro)")
-    print(table(read_json(p.paths.eval_metrics)))
-    print(f"\nplots: {p.paths.plots_dir}/   predictions: {p.paths.predictions}")
+    metrics = read_json(p.paths.eval_metrics)
+    print(table(metrics))
+    print()
+    print(kind_table(metrics))
+    if line := reading(metrics):
+        print(f"\n{line}")
+    print(f"\nplots: {p.paths.plots_dir}/   predictions: {p.paths.predictions}   (python -m flows.ask \"...\" --base)")
     print("compare runs: make ui (MLflow at http://127.0.0.1:5000)   metrics: dvc metrics show   plots: dvc plots show")

@@ -16,10 +16,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from tasks.common import PipelineError, atomic_dir, logger, run_stage, sha256_bytes, write_json
 from tasks.params import ModelParams, Paths
@@ -31,6 +28,8 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 def build_tokenizer(corpus: Path, vocab_size: int):
     """Byte-level BPE (the GPT-2/Llama-3 scheme: any byte sequence is encodable) trained on a fixed corpus."""
+    from transformers import PreTrainedTokenizerFast  # torch/transformers load only in stages that use them
+
     files = sorted(str(p) for p in corpus.rglob("*") if p.is_file() and p.suffix in (".md", ".txt"))
     if not files:
         raise PipelineError(f"no .md/.txt files under {corpus} to train the builtin tokenizer on")
@@ -48,6 +47,9 @@ def build_tokenizer(corpus: Path, vocab_size: int):
 
 
 def build_tiny_llama(model: ModelParams, paths: Paths, out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     tiny = model.tiny
     tokenizer = build_tokenizer(paths.tokenizer_corpus, tiny.vocab_size)
     config = LlamaConfig(
@@ -76,6 +78,8 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def run(model: ModelParams, paths: Paths) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+
     out = Path(paths.base_model)
     with atomic_dir(out) as staging:
         if model.name == BUILTIN:
@@ -120,6 +124,8 @@ def describe(base_dir: str | Path) -> dict:
 
 @lru_cache(maxsize=4)
 def load_tokenizer(base_dir: str | Path):
+    from transformers import AutoTokenizer
+
     info = describe(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(info["load_from"], revision=info["revision"])
     if tokenizer.pad_token is None:  # many Hub causal LMs ship without one
@@ -127,8 +133,27 @@ def load_tokenizer(base_dir: str | Path):
     return tokenizer
 
 
+@lru_cache(maxsize=4)
+def load_backend_tokenizer(base_dir: str | Path) -> Tokenizer:
+    """The bare `tokenizers` tokenizer (what the transformers tokenizer wraps): counts the same tokens, and loads
+    in milliseconds without torch, so stages that only count tokens (chunk) start fast."""
+    info = describe(base_dir)
+    local = Path(info["load_from"]) / "tokenizer.json"
+    if local.is_file():  # the builtin model, or a local folder
+        return Tokenizer.from_file(str(local))
+    try:  # a Hub model: its tokenizer.json from the local Hub cache (HF_HUB_OFFLINE is respected)
+        from huggingface_hub import hf_hub_download
+
+        return Tokenizer.from_file(hf_hub_download(info["load_from"], "tokenizer.json", revision=info["revision"]))
+    except Exception:  # no tokenizer.json (a sentencepiece-only repo): transformers converts one
+        return load_tokenizer(base_dir).backend_tokenizer
+
+
 def load_model(base_dir: str | Path, quantization: str, compute_dtype: str):
     """The base model for training or inference, quantised as in `train.quantization`."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
     info = describe(base_dir)
     dtype = getattr(torch, compute_dtype)
     kwargs: dict = {"revision": info["revision"], "dtype": dtype}

@@ -3,53 +3,49 @@
 Run alone:  python -m tasks.train [--params params.yaml]
 Multi-GPU:  accelerate launch --num_processes 2 -m tasks.train   (DDP; each GPU holds its own 4-bit copy)
 
+The recipe reads top to bottom (`train_adapter`): set up the data, the checkpoints and the model, train, save
+the adapter, write the metrics; every MLflow call lives in `log_training` (and `log_skipped`).
 The base model is loaded quantised (`train.quantization`: NF4 with double quantisation, 8-bit, or none),
-prepared with `prepare_model_for_kbit_training` and wrapped in LoRA. Prompts use the tokenizer's chat template
-when it has one, else `train.prompt_template`; the loss covers answer tokens only. With `train.packing` the
-examples of a batch are flattened into one padding-free row (position ids restart per example, and
-transformers masks attention across examples). The adapter (safetensors), tokenizer and resolved params are
-saved together; an interrupted run resumes from its last checkpoint; the MLflow run's id is stored with the
-adapter so that evaluation logs into the same run. Training is skipped when neither the data nor the
-training params changed (or fewer than `train.min_changed_fraction` of the training pairs did).
+prepared with `prepare_model_for_kbit_training` and wrapped in LoRA. Prompts come from tasks.adapter (the
+contract evaluate and ask share); the loss covers answer tokens only. With `train.packing` the examples of a
+batch are flattened into one padding-free row (position ids restart per example, and transformers masks
+attention across examples). The adapter (safetensors), tokenizer and resolved params are saved together; an
+interrupted run resumes from its last checkpoint. Each training is an MLflow run of its own (tasks/tracking.py);
+evaluation finds it by the adapter's content hash and logs a child run. Training is skipped when neither the data nor the training params changed
+(or fewer than `train.min_changed_fraction` of the training pairs did).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+import random
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
-from datasets import load_dataset
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from prefect import task
-from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
-                          TrainingArguments)
-from transformers.trainer_utils import get_last_checkpoint
 
+from tasks.adapter import META, build_prompt, reading_text
 from tasks.base_model import describe, load_model, load_tokenizer
-from tasks.common import (PipelineError, atomic_dir, atomic_write, content_hash, logger, read_json, read_jsonl,
-                          run_stage, write_json)
+from tasks.chunk import split_sentences
+from tasks.common import (PipelineError, atomic_dir, atomic_write, code_hash, content_hash, dir_hash, logger,
+                          read_json, read_jsonl, run_stage, write_json)
+from tasks.loss import frozen_embeddings_to, selective_loss, with_loss_positions
+from tasks.mlflow_model import log_adapter_model
 from tasks.params import MLflowParams, Params, Paths, TrainParams, flatten
-from tasks.tracking import start_run
+from tasks.tracking import ADAPTER_HASH, find_training_run, log_dataset, register, start_run
 
-META = "papertune.json"  # how the adapter was made and how to prompt it (read by evaluate and ask)
+# peft, datasets and transformers' Trainer are imported inside the functions that use them: a skipped or cached
+# training never pays their import time. train_adapter runs in the flow's main thread (no lazy-import race).
 
 
 # ---------------------------------------------------------------------------------------------- data
-
-
-def build_prompt(tokenizer, question: str, prompt_template: str, system_prompt: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": question}
-        ]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return prompt_template.format(question=question)
 
 
 def tokenize_pair(tokenizer, prompt: str, answer: str, max_len: int) -> dict:
@@ -62,27 +58,92 @@ def tokenize_pair(tokenizer, prompt: str, answer: str, max_len: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
+def tokenize_text(tokenizer, text: str, max_len: int) -> dict:
+    """A passage the model reads: loss on every token (it learns the text itself), ended by EOS."""
+    ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_len]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
 def encode(row: dict, tokenizer, cfg: TrainParams) -> dict:
     prompt = build_prompt(tokenizer, row["question"], cfg.prompt_template, cfg.system_prompt)
     return tokenize_pair(tokenizer, prompt, row["answer"], cfg.max_seq_length)
 
 
 def load_split(path: Path, tokenizer, cfg: TrainParams):
+    from datasets import load_dataset
+
     ds = load_dataset("json", data_files=str(path), split="train")
     return ds.map(encode, fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, remove_columns=ds.column_names,
                   desc=f"tokenize {path.name}")
 
 
+def documents_to_read(cfg: TrainParams, chunks: list[dict], pairs: list[dict]) -> list[dict]:
+    """[{doc_id, title}] of the documents whose text training reads (`train.read_documents`)."""
+    titles = {c["doc_id"]: c["title"] for c in chunks}
+    chosen = {"all": set(titles), "train": {p["doc_id"] for p in pairs} & set(titles), "none": set()}
+    return [{"doc_id": d, "title": titles[d]} for d in sorted(chosen[cfg.read_documents], key=titles.get)]
+
+
+def reading_passages(chunk: dict, cfg: TrainParams, rng: random.Random) -> list[str]:
+    """The texts one chunk is read as. The chunk itself; each of its sentences alone under the same title and
+    section line; and sentence-shuffled copies. Reading alone teaches a small model to recite, not to answer:
+    a sentence seen in several contexts, always under its paper's title, is what a question naming the paper
+    can later recall (Allen-Zhu & Li, Physics of LMs 3.1). Tables are read as they are."""
+    passages = [reading_text(chunk, cfg.reading_template)]
+    sentences = split_sentences(chunk["text"].replace("\n\n", " ")) if chunk.get("kind", "text") == "text" else []
+    if cfg.reading_sentences and len(sentences) > 1:
+        passages += [reading_text({**chunk, "text": s}, cfg.reading_template) for s in sentences]
+    for _ in range(cfg.reading_shuffles if len(sentences) > 2 else 0):
+        shuffled = rng.sample(sentences, len(sentences))
+        passages.append(reading_text({**chunk, "text": " ".join(shuffled)}, cfg.reading_template))
+    return passages
+
+
+def training_examples(cfg: TrainParams, tokenizer, pairs: list[dict], chunks: list[dict],
+                      read: list[dict]) -> tuple[list[dict], dict]:
+    """QA examples (answer-only loss, repeated `train.qa_repeats` times) and reading examples (every token), in
+    `train.data_order`: "mixed" (shuffled together) or "qa_first" (QA, then reading; each part shuffled).
+    Returns (examples, counts)."""
+    rng = random.Random(cfg.seed)
+    read_ids = {d["doc_id"] for d in read}
+    qa = [encode(p, tokenizer, cfg) for p in pairs] * cfg.qa_repeats
+    reading = [tokenize_text(tokenizer, text, cfg.max_seq_length)
+               for c in chunks if c["doc_id"] in read_ids for text in reading_passages(c, cfg, rng)]
+    if cfg.data_order == "mixed":
+        examples = qa + reading
+        rng.shuffle(examples)
+    else:
+        examples = rng.sample(qa, len(qa)) + rng.sample(reading, len(reading))
+    return examples, {"qa_examples": len(qa), "reading_examples": len(reading)}
+
+
 def collator(tokenizer, packing: bool):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
     if packing:
         return DataCollatorWithFlattening()
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
+def setup_data(cfg: TrainParams, paths: Paths):
+    """(tokenizer, training examples, held-out QA for the eval loss, documents read, example counts)."""
+    from datasets import Dataset
+
+    tokenizer = load_tokenizer(paths.base_model)
+    pairs = read_jsonl(paths.train_split)
+    chunks = read_jsonl(paths.chunks)
+    read = documents_to_read(cfg, chunks, pairs)
+    examples, counts = training_examples(cfg, tokenizer, pairs, chunks, read)
+    eval_ds = load_split(Path(paths.eval_split), tokenizer, cfg)
+    return tokenizer, Dataset.from_list(examples), eval_ds, read, counts
 
 
 # ---------------------------------------------------------------------------------------------- model
 
 
 def lora_model(base_dir: Path, cfg: TrainParams):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
     model = load_model(base_dir, cfg.quantization, cfg.compute_dtype)
     # No KV cache while training: with one, transformers skips the packed-sequence mask, and the eval loss on a
     # flattened batch would let examples attend to each other.
@@ -90,15 +151,19 @@ def lora_model(base_dir: Path, cfg: TrainParams):
     gc_kwargs = {"use_reentrant": False}
     if cfg.quantization != "none":
         model = prepare_model_for_kbit_training(model, cfg.gradient_checkpointing, gc_kwargs)
+        frozen_embeddings_to(model, getattr(torch, cfg.compute_dtype))  # prepare_... upcast them to fp32
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+                      target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save or None,
+                      task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
 def training_arguments(cfg: TrainParams, output_dir: Path, cuda: bool):
+    from transformers import TrainingArguments
+
     return TrainingArguments(**training_kwargs(cfg, output_dir, cuda))
 
 
@@ -123,7 +188,9 @@ def training_kwargs(cfg: TrainParams, output_dir: Path, cuda: bool) -> dict:
         save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to="none",  # MLflow logging is ours (MLflowCallback below), into the run evaluation reopens
+        # training_examples already put the examples in `train.data_order` (shuffled when "mixed"): keep it.
+        train_sampling_strategy="sequential",
+        report_to="none",  # MLflow logging is ours (log_training)
         remove_unused_columns=False,
         # The usual QLoRA settings on a GPU: paged 8-bit AdamW and bf16 autocast. On CPU: plain AdamW in fp32.
         use_cpu=not cuda,
@@ -135,7 +202,43 @@ def training_kwargs(cfg: TrainParams, output_dir: Path, cuda: bool) -> dict:
     )
 
 
+def setup_model(cfg: TrainParams, paths: Paths):
+    """(LoRA-wrapped quantised model, trainable parameters, all parameters)."""
+    model = lora_model(Path(paths.base_model), cfg)
+    trainable, total = model.get_nb_trainable_parameters()
+    return model, trainable, total
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def setup_checkpoints(paths: Paths, key: dict) -> tuple[str | None, str | None]:
+    """(checkpoint to resume from, its MLflow run id): only a checkpoint of this very data/params combination."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = Path(paths.checkpoints)
+    ckpt_meta = ckpt_dir / "papertune_run.json"
+    if ckpt_meta.exists() and read_json(ckpt_meta)["run_key"] == key["key"]:
+        resume = get_last_checkpoint(str(ckpt_dir))
+        if resume:
+            return resume, read_json(ckpt_meta)["mlflow_run_id"]
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # checkpoints of another data/params combination must not be resumed
+    return None, None
+
+
+def remember_run(paths: Paths, key: dict, run_id: str) -> None:
+    """The MLflow run writing these checkpoints: a resumed training's run links to it (papertune.resumed_from)."""
+    Path(paths.checkpoints).mkdir(parents=True, exist_ok=True)
+    write_json(Path(paths.checkpoints) / "papertune_run.json", {"run_key": key["key"], "mlflow_run_id": run_id})
+
+
+# ---------------------------------------------------------------------------------------------- MLflow
+
+
 def make_callback(mlflow):
+    from transformers import TrainerCallback
+
     class MLflowLossCallback(TrainerCallback):
         """Log train/eval loss per step into our MLflow run, live (the UI shows a run while it trains)."""
 
@@ -150,18 +253,78 @@ def make_callback(mlflow):
     return MLflowLossCallback()
 
 
+@contextmanager
+def log_training(mlflow_cfg: MLflowParams, paths: Paths, record: dict, key: dict, run_id: str | None, main: bool):
+    """Every MLflow call of a training, into a run of its own that nothing reopens later. At the start: tags
+    (the decision to train), params, the train/eval splits as dataset inputs; while training: the live loss
+    callback; once the body has saved the adapter and filled `log.done`: the final metrics, the adapter as a
+    logged pyfunc model (tasks/mlflow_model.py) registered as a new version of `mlflow.registered_model`, plots
+    and reports. `run_id` is the run of an interrupted training this one resumes: linked by a tag, not reopened."""
+    if not main:  # under `accelerate launch` every rank trains; only rank 0 records
+        yield SimpleNamespace(run_id=None, callbacks=[], done={})
+        return
+    tags = {"qa_dataset_hash": record["qa_dataset_hash"], "train_hash": key["train_hash"],
+            "base_model": key["base_model"]["name"], "base_model_revision": str(key["base_model"]["revision"]),
+            "papertune.train_decision": "trained"}
+    if run_id:
+        tags["papertune.resumed_from"] = run_id
+    with start_run(mlflow_cfg, "train", "train", tags=tags) as (mlflow, run):
+        mlflow.log_params(record["params"])
+        log_dataset(mlflow, paths.train_split, "train", "training")
+        log_dataset(mlflow, paths.eval_split, "eval", "validation")  # the eval loss while training
+        if record.get("read_documents") is not None:  # the papers whose text training read, besides the QA pairs
+            mlflow.log_dict({"read_documents": record["read_documents"]}, "read_documents.json")
+            mlflow.set_tag("papertune.documents_read", str(len(record["read_documents"])))
+        log = SimpleNamespace(run_id=run.info.run_id, callbacks=[make_callback(mlflow)], done={})
+        yield log
+        if not log.done:
+            return
+        adapter_hash = dir_hash(paths.adapter)
+        mlflow.set_tag(ADAPTER_HASH, adapter_hash)  # how evaluate finds this run: no run id in DVC outputs
+        setup = {k: v for k, v in record["params"].items() if k.split(".")[0] in ("model", "train")}
+        model = log_adapter_model(mlflow, paths.adapter, paths.base_model, mlflow_cfg.model_max_new_tokens, setup)
+        # Throughput goes to MLflow only: DVC metrics stay identical when a run is reproduced.
+        mlflow.log_metrics(log.done, model_id=model.model_id)
+        version = register(mlflow, mlflow_cfg, model.model_uri, adapter_hash)
+        mlflow.set_tag("papertune.registered_version", f"{version.name} v{version.version}")
+        mlflow.log_artifacts(str(paths.plots_dir), artifact_path="plots")
+        for report in (paths.ingest_report, paths.qa_report, paths.split_report):
+            if Path(report).exists():
+                mlflow.log_artifact(str(report), artifact_path="reports")
+
+
+def log_skipped(mlflow_cfg: MLflowParams, paths: Paths, reason: str) -> None:
+    """A skipped training records its decision in a small run of its own, linked to the train run that made the
+    adapter it kept; that run stays as it was written. A store that cannot be used only costs the record."""
+    adapter_hash = dir_hash(paths.adapter)
+    tags = {"papertune.train_decision": f"skipped: {reason}", ADAPTER_HASH: adapter_hash}
+    try:
+        with start_run(mlflow_cfg, "train-skipped", "train skipped", tags=tags) as (mlflow, run):
+            trained = find_training_run(mlflow.MlflowClient(), run.info.experiment_id, adapter_hash)
+            mlflow.set_tag("papertune.adapter_run_id", trained.info.run_id if trained else "not in this store")
+    except PipelineError as e:
+        logger().warning(f"train: skip not recorded in MLflow: {e}")
+
+
 # ---------------------------------------------------------------------------------------------- stage
 
 
 def run_key(cfg: TrainParams, paths: Paths) -> dict:
-    """What an adapter depends on: the base model, the training params and the split's content."""
+    """What an adapter depends on: the base model's content (weights, config, tokenizer and descriptor, not just
+    its name: a rebuild with another model.tiny.seed is another model), the training params, the split's content,
+    and the training code (tasks/train.py and every project module it imports, transitively)."""
     split = read_json(paths.split_report)
     base = describe(paths.base_model)
+    content = [dir_hash(paths.base_model)]
+    if Path(base["load_from"]).is_dir() and Path(base["load_from"]).resolve() != Path(paths.base_model).resolve():
+        content.append(dir_hash(base["load_from"]))  # a local model folder named in model.name
+    base_model = {**{k: base[k] for k in ("name", "revision", "tokenizer_hash")}, "content_hash": content_hash(content)}
+    code = code_hash("tasks.train")
     return {
-        "key": content_hash([base["name"], base["revision"], base["tokenizer_hash"], cfg.model_dump(mode="json"),
-                             split["train_hash"], split["eval_hash"]]),
+        "key": content_hash([base_model, cfg.model_dump(mode="json"), split["train_hash"], split["eval_hash"], code]),
         "train_hash": split["train_hash"],
-        "base_model": {k: base[k] for k in ("name", "revision", "tokenizer_hash")},
+        "base_model": base_model,
+        "code_hash": code,
     }
 
 
@@ -171,8 +334,10 @@ def skip_reason(cfg: TrainParams, paths: Paths, key: dict, train_ids: list[str])
         return None
     prev = read_json(meta_path)
     if prev["run_key"] == key["key"]:
-        return "QA dataset and training params unchanged"
-    same_setup = prev["train_params"] == cfg.model_dump(mode="json") and prev["base_model"] == key["base_model"]
+        return "QA dataset and training params unchanged (same base model and code)"
+    # The retraining threshold compares data only: another base model, params or code always retrains.
+    same_setup = (prev["train_params"] == cfg.model_dump(mode="json") and prev["base_model"] == key["base_model"]
+                  and prev.get("code_hash") == key["code_hash"])
     changed = len(set(train_ids) ^ set(prev["train_pair_ids"])) / max(len(set(train_ids) | set(prev["train_pair_ids"])), 1)
     if same_setup and changed < cfg.min_changed_fraction:
         return f"only {changed:.1%} of training pairs changed (< train.min_changed_fraction={cfg.min_changed_fraction})"
@@ -181,41 +346,23 @@ def skip_reason(cfg: TrainParams, paths: Paths, key: dict, train_ids: list[str])
 
 @task(name="train")
 def train_adapter(cfg: TrainParams, mlflow_cfg: MLflowParams, paths: Paths, record: dict, key: dict) -> dict:
+    """The recipe: data → checkpoints → model → train → save → metrics, recorded by log_training."""
+    from transformers import Trainer
+
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(paths.base_model)
-    train_ds = load_split(Path(paths.train_split), tokenizer, cfg)
-    eval_ds = load_split(Path(paths.eval_split), tokenizer, cfg)
+    tokenizer, train_ds, eval_ds, read, counts = setup_data(cfg, paths)
+    record = {**record, "read_documents": read}  # which documents were read: for log_training and META
+    resume, run_id = setup_checkpoints(paths, key)
+    model, trainable, total = setup_model(cfg, paths)
+    main = int(os.environ.get("RANK", 0)) == 0  # under `accelerate launch` only rank 0 records and saves
 
-    ckpt_dir = Path(paths.checkpoints)
-    ckpt_meta = ckpt_dir / "papertune_run.json"
-    resume = None
-    if ckpt_meta.exists() and read_json(ckpt_meta)["run_key"] == key["key"]:
-        resume = get_last_checkpoint(str(ckpt_dir))
-    elif ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # checkpoints of another data/params combination must not be resumed
-    run_id = read_json(ckpt_meta)["mlflow_run_id"] if resume else None
-
-    cuda = torch.cuda.is_available()
-    model = lora_model(Path(paths.base_model), cfg)
-    trainable, total = model.get_nb_trainable_parameters()
-    tags = {"qa_dataset_hash": record["qa_dataset_hash"], "train_hash": key["train_hash"],
-            "base_model": key["base_model"]["name"], "base_model_revision": str(key["base_model"]["revision"])}
-    # Under `accelerate launch` every rank runs this; only rank 0 records and saves.
-    main = int(os.environ.get("RANK", 0)) == 0
-    tracking = start_run(mlflow_cfg, run_id=run_id, run_name="papertune", tags=tags) if main else nullcontext((None, None))
-    with tracking as (mlflow, run):
-        if main and not resume:
-            mlflow.log_params(record["params"])
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            write_json(ckpt_meta, {"run_key": key["key"], "mlflow_run_id": run.info.run_id})
-        trainer = Trainer(
-            model=model,
-            args=training_arguments(cfg, ckpt_dir, cuda),
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            data_collator=collator(tokenizer, cfg.packing),
-            callbacks=[make_callback(mlflow)] if main else [],
-        )
+    with log_training(mlflow_cfg, paths, record, key, run_id, main) as log:
+        if main:
+            remember_run(paths, key, log.run_id)
+        trainer = Trainer(model=model, args=training_arguments(cfg, Path(paths.checkpoints), torch.cuda.is_available()),
+                          train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=with_loss_positions(collator(tokenizer, cfg.packing)),
+                          compute_loss_func=selective_loss, callbacks=log.callbacks)  # logits only where learned
         if resume:
             logger().info(f"train: resuming from {resume}")
         result = trainer.train(resume_from_checkpoint=resume)
@@ -224,32 +371,40 @@ def train_adapter(cfg: TrainParams, mlflow_cfg: MLflowParams, paths: Paths, reco
             return {}
         metrics = {"train_loss": result.training_loss, "eval_loss": final_eval["eval_loss"],
                    "steps": trainer.state.global_step, "trainable_params": trainable, "total_params": total,
-                   "train_examples": len(train_ds), "eval_examples": len(eval_ds)}
-        # Throughput goes to MLflow only: DVC metrics stay identical when a run is reproduced.
-        mlflow.log_metrics({"final_train_loss": metrics["train_loss"], "final_eval_loss": metrics["eval_loss"],
-                            "train_tokens_per_second": trainer.state.num_input_tokens_seen
-                            / result.metrics["train_runtime"]})
-        mlflow.set_tag("papertune.train_decision", "trained")
-
-        with atomic_dir(paths.adapter) as staging:
-            trainer.model.save_pretrained(staging)  # adapter_model.safetensors + adapter_config.json
-            tokenizer.save_pretrained(staging)
-            atomic_write(staging / "params.yaml", yaml.safe_dump(record["params_nested"], sort_keys=False))
-            write_json(staging / META, {
-                "run_key": key["key"], "base_model": key["base_model"], "train_params": cfg.model_dump(mode="json"),
-                "prompt_template": cfg.prompt_template, "system_prompt": cfg.system_prompt,
-                "quantization": cfg.quantization, "compute_dtype": cfg.compute_dtype,
-                "mlflow_run_id": run.info.run_id, "train_pair_ids": record["train_pair_ids"],
-            })
-        mlflow.log_artifacts(str(paths.adapter), artifact_path="adapter")
-        history = loss_history(trainer.state.log_history)
-        write_outputs(paths, metrics, history)
-        mlflow.log_artifacts(str(paths.plots_dir), artifact_path="plots")
-        for report in (paths.ingest_report, paths.qa_report, paths.split_report):
-            if Path(report).exists():
-                mlflow.log_artifact(str(report), artifact_path="reports")
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the adapter is saved, checkpoints are dead weight
+                   "train_examples": len(train_ds), **counts, "eval_examples": len(eval_ds),
+                   "documents_read": len(read)}
+        save_adapter(paths, cfg, trainer.model, tokenizer, record, key)
+        write_outputs(paths, metrics, loss_history(trainer.state.log_history))
+        log.done = {"final_train_loss": metrics["train_loss"], "final_eval_loss": metrics["eval_loss"],
+                    "train_tokens_per_second": trainer.state.num_input_tokens_seen / result.metrics["train_runtime"]}
+    shutil.rmtree(paths.checkpoints, ignore_errors=True)  # finished: the adapter is saved, checkpoints are dead weight
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+
+def save_adapter(paths: Paths, cfg: TrainParams, model, tokenizer, record: dict, key: dict) -> None:
+    """Adapter weights, tokenizer, resolved params and META, swapped in whole."""
+    with atomic_dir(paths.adapter) as staging:
+        model.save_pretrained(staging)  # adapter_model.safetensors + adapter_config.json
+        # peft writes the resolved target modules from a set, in hash order: sorted, dvc.lock stays stable.
+        config = read_json(staging / "adapter_config.json")
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        atomic_write(staging / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tokenizer.save_pretrained(staging)
+        atomic_write(staging / "params.yaml", yaml.safe_dump(record["params_nested"], sort_keys=False))
+        write_json(staging / META, {
+            "run_key": key["key"], "base_model": key["base_model"], "train_params": cfg.model_dump(mode="json"),
+            "prompt_template": cfg.prompt_template, "system_prompt": cfg.system_prompt,
+            "quantization": cfg.quantization, "compute_dtype": cfg.compute_dtype,
+            "train_pair_ids": record["train_pair_ids"],  # no MLflow run id: DVC tracks this folder
+            "code_hash": key["code_hash"],
+            # What the model read, and how a passage was shown to it (ask and evaluate use the same prompts).
+            "read_documents": cfg.read_documents, "documents_read": record["read_documents"],
+            "reading_template": cfg.reading_template,
+        })
 
 
 def loss_history(log_history: list[dict]) -> list[dict]:
@@ -291,6 +446,9 @@ def write_outputs(paths: Paths, metrics: dict, history: list[dict]) -> None:
     atomic_write(Path(paths.plots_dir) / "loss.png", png.getvalue())
 
 
+# ---------------------------------------------------------------------------------------------- entry
+
+
 def run(train: TrainParams, mlflow: MLflowParams, paths: Paths, record: Params) -> dict:
     pairs = read_jsonl(paths.train_split)
     if not pairs or not read_jsonl(paths.eval_split):
@@ -299,9 +457,7 @@ def run(train: TrainParams, mlflow: MLflowParams, paths: Paths, record: Params) 
     train_ids = [p["pair_id"] for p in pairs]
     if reason := skip_reason(train, paths, key, train_ids):
         logger().info(f"train: skipped, {reason}; keeping the adapter in {paths.adapter}")
-        meta = read_json(Path(paths.adapter) / META)
-        with start_run(mlflow, run_id=meta["mlflow_run_id"]) as (mlflow_, _):
-            mlflow_.set_tag("papertune.train_decision", f"skipped: {reason}")
+        log_skipped(mlflow, paths, reason)
         return {**read_json(paths.train_metrics), "skipped": reason}
     qa_report = read_json(paths.qa_report) if Path(paths.qa_report).exists() else {}
     info = {

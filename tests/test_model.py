@@ -6,12 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import base_model, evaluate, train
+from tasks import adapter, base_model, evaluate, train
 from tasks.common import PipelineError, read_json, read_jsonl
 from tests.conftest import data_half, in_flow, make_params
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # per test: the ones that train, evaluate or build the data half
 FAST = dict(max_steps=30, logging_steps=5, eval_steps=10, save_steps=10, per_device_train_batch_size=4)
+# The default recipe, shorter: measured held-out token F1 of the fine-tuned model at these steps 0.051 against
+# the base model's 0.006 (32 questions); a change that stops learning falls to the base model's level.
+LEARN = dict(max_steps=80, logging_steps=20, eval_steps=80, save_steps=80)
+LEARN_F1_FLOOR = 0.035
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +30,7 @@ def batch(p, n=4):
     return train.collator(tokenizer, packing=True)(examples)
 
 
+@slow
 def test_every_lora_matrix_still_learns_after_an_evaluation_pass(data):
     """bitsandbytes' CPU repacking after an inference-mode forward would silently cut gradients to most LoRA
     matrices; after an eval pass, every LoRA A and B of every adapted projection must still get a gradient."""
@@ -52,6 +57,7 @@ def test_every_lora_matrix_still_learns_after_an_evaluation_pass(data):
     assert not dead, f"{len(dead)} of {len(lora)} LoRA tensors got no gradient: {dead[:4]}"
 
 
+@slow
 def test_train_loss_falls_and_adapter_reloads_identically(data, tmp_path):
     from transformers import Trainer
 
@@ -80,6 +86,7 @@ def test_train_loss_falls_and_adapter_reloads_identically(data, tmp_path):
         assert torch.equal(model(**inputs, use_cache=False).logits, reloaded(**inputs, use_cache=False).logits)
 
 
+@slow
 def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
     original = train.make_callback
 
@@ -105,8 +112,7 @@ def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
         metrics = in_flow(train.run, data.train, data.mlflow, data.paths, data)
     assert any("resuming from" in m and "checkpoint-10" in m for m in caplog.messages)
     assert metrics["steps"] == FAST["max_steps"]
-    meta = read_json(data.paths.adapter / train.META)
-    assert meta["mlflow_run_id"] == first_run  # the resumed run continues the same MLflow run
+    assert first_run  # the resumed run's MLflow link is tests/test_mlflow_runs.py's
     saved = (data.paths.adapter / "params.yaml").read_text()
     assert "max_steps: 30" in saved and "quantization: 4bit" in saved  # resolved params travel with the adapter
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {
@@ -115,9 +121,10 @@ def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
     # Nothing changed: a second run skips training and says so.
     with caplog.at_level("INFO"):
         again = in_flow(train.run, data.train, data.mlflow, data.paths, data)
-    assert again["skipped"] == "QA dataset and training params unchanged"
+    assert again["skipped"].startswith("QA dataset and training params unchanged")
 
 
+@slow
 def test_evaluate_reports_rouge_for_both_models(data, tmp_path):
     if not data.paths.adapter.exists():
         pytest.skip("needs the adapter of test_train_stage_resumes_after_interruption")
@@ -128,15 +135,20 @@ def test_evaluate_reports_rouge_for_both_models(data, tmp_path):
     report = in_flow(evaluate.run, cfg, data.mlflow, data.paths)
     # A gold set without contexts is reported under its own key, closed-book only.
     assert set(report["gold"]) == {"closed_book"} and report["gold"]["closed_book"]["base"]["n"] == 3
-    report = {k: v for k, v in report.items() if k != "gold"}
+    assert report["read_documents"]["setting"] == data.train.read_documents
+    report = {k: v for k, v in report.items() if k not in ("gold", "read_documents")}
     for mode in ("closed_book", "open_book"):
         for model in ("base", "finetuned"):
             r = report[mode][model]
-            assert r["n"] == 12 and 0 <= r["rougeL_ci95"][0] <= r["rougeL"] <= r["rougeL_ci95"][1] <= 1
-            assert set(r) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "rougeL_ci95", "n"}
+            assert r["n"] == 12
+            for k in ("rougeL", "f1", "exact_match"):
+                assert 0 <= r[f"{k}_ci95"][0] <= r[k] <= r[f"{k}_ci95"][1] <= 1
+            assert {"rouge1", "rouge2", "rougeLsum", "by_kind"} <= set(r)
+            assert sum(k["n"] for k in r["by_kind"].values()) == 12
     rows = read_jsonl(data.paths.predictions)
     assert len(rows) == 24 + 3 and {"question", "reference", "base_answer", "finetuned_answer"} <= set(rows[0])
-    assert {k: v for k, v in json.loads(data.paths.eval_metrics.read_text()).items() if k != "gold"} == report
+    assert {k: v for k, v in json.loads(data.paths.eval_metrics.read_text()).items()
+            if k not in ("gold", "read_documents")} == report
 
 
 def test_model_that_cannot_be_found_offline_is_one_line(tmp_path):
@@ -146,6 +158,7 @@ def test_model_that_cannot_be_found_offline_is_one_line(tmp_path):
     assert not p.paths.base_model.exists()  # nothing half-written
 
 
+@slow
 def test_missing_adapter_is_one_line_not_a_traceback(tmp_path):
     import subprocess
     import sys
@@ -161,14 +174,15 @@ def test_missing_adapter_is_one_line_not_a_traceback(tmp_path):
     assert f"error: evaluate: no adapter in {p.paths.adapter}: train one first" in r.stderr
 
 
+@slow
 def test_chat_template_prompt_masks_everything_but_the_answer(data):
     tokenizer = base_model.load_tokenizer(data.paths.base_model)
-    plain = train.build_prompt(tokenizer, "What is LoRA?", data.train.prompt_template, "")
+    plain = adapter.build_prompt(tokenizer, "What is LoRA?", data.train.prompt_template, "")
     assert plain == "Question: What is LoRA?\nAnswer: "
     templated = tokenizer.__class__.from_pretrained(data.paths.base_model)
     templated.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
-    prompt = train.build_prompt(templated, "What is LoRA?", data.train.prompt_template, "Be brief.")
+    prompt = adapter.build_prompt(templated, "What is LoRA?", data.train.prompt_template, "Be brief.")
     assert prompt == "<system>Be brief.\n<user>What is LoRA?\n<assistant>"
     ex = train.tokenize_pair(templated, prompt, "A low-rank update.", 64)
     n_prompt = len(templated(prompt, add_special_tokens=False)["input_ids"])
@@ -177,9 +191,10 @@ def test_chat_template_prompt_masks_everything_but_the_answer(data):
     assert templated.decode(ex["labels"][n_prompt:-1]) == "A low-rank update."
 
 
+@slow
 def test_cuda_path_builds_the_usual_qlora_configuration(data, tmp_path):
     """The GPU path cannot run here; its settings are checked, and the CPU twin is built for real."""
-    cfg = data.train.model_copy(update={"compute_dtype": "bfloat16"})
+    cfg = data.train.model_copy(update={"compute_dtype": "bfloat16", "gradient_checkpointing": True})
     gpu = train.training_kwargs(cfg, tmp_path, cuda=True)
     assert gpu["optim"] == "paged_adamw_8bit" and gpu["bf16"] and not gpu["fp16"] and not gpu["use_cpu"]
     assert gpu["gradient_checkpointing"] and gpu["report_to"] == "none"
@@ -190,6 +205,7 @@ def test_cuda_path_builds_the_usual_qlora_configuration(data, tmp_path):
          if k not in ("optim", "bf16", "fp16", "use_cpu")}
 
 
+@slow
 def test_8bit_base_trains_too(data):
     import bitsandbytes as bnb
 
@@ -207,3 +223,62 @@ def test_8bit_base_trains_too(data):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0, losses  # one batch, repeated: LoRA over int8 weights fits it
+
+
+def test_token_f1_and_exact_match_follow_squad_normalisation():
+    assert evaluate.token_f1("The adapters are frozen.", "adapters are frozen") == 1.0
+    assert evaluate.token_f1("LoRA freezes weights", "LoRA freezes the pre-trained weights") == pytest.approx(
+        2 * 1.0 * 0.75 / 1.75)
+    assert evaluate.token_f1("of the a", "LoRA freezes weights") == 0.0
+    r = evaluate.rouge(["An adapter.", "something else"], ["an adapter", "LoRA"], samples=200, seed=0)
+    assert r["exact_match"] == 0.5 and r["f1"] == 0.5 and r["exact_match_ci95"] == [0.0, 1.0] and r["n"] == 2
+
+
+CHUNKS = [{"doc_id": d, "title": f"Paper {d}", "section": "2 Method", "kind": kind, "chunk_id": f"{d}-{i}",
+           "text": f"Method {d}{i} adds a small module. It freezes the base. It trains fast."}
+          for d in ("a", "b") for i, kind in enumerate(["text", "table"])]
+PAIRS = [{"question": "In \"Paper a\", what does Method a0 add?", "answer": "Method a0 adds a small module.",
+          "doc_id": "a", "pair_id": "p1"}]
+
+
+class _Tok:
+    """Whitespace 'tokenizer': enough to count and order examples without loading a model."""
+    eos_token_id = 0
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [hash(w) % 1000 + 1 for w in text.split()]}
+
+
+def test_reading_all_reads_held_out_text_but_trains_only_training_qa(params):
+    cfg = params.train.model_copy(update={"read_documents": "all", "reading_sentences": True, "reading_shuffles": 1,
+                                          "qa_repeats": 2, "data_order": "qa_first"})
+    read = train.documents_to_read(cfg, CHUNKS, PAIRS)
+    assert [d["title"] for d in read] == ["Paper a", "Paper b"]  # b has no training pair: read all the same
+    assert train.documents_to_read(cfg.model_copy(update={"read_documents": "train"}), CHUNKS, PAIRS) == read[:1]
+    assert train.documents_to_read(cfg.model_copy(update={"read_documents": "none"}), CHUNKS, PAIRS) == []
+    passages = train.reading_passages(CHUNKS[0], cfg, __import__("random").Random(0))
+    assert passages[0] == "Paper a\n2 Method\n\n" + CHUNKS[0]["text"]  # the template from params.yaml
+    assert "Paper a\n2 Method\n\nIt freezes the base." in passages  # a sentence alone under its title
+    assert len(passages) == 1 + 3 + 1  # chunk, its 3 sentences, one shuffled copy
+    assert train.reading_passages(CHUNKS[1], cfg, __import__("random").Random(0)) == [
+        "Paper a\n2 Method\n\n" + CHUNKS[1]["text"]]  # a table is read as it is
+    examples, counts = train.training_examples(cfg, _Tok(), PAIRS, CHUNKS, read)
+    assert counts == {"qa_examples": 2, "reading_examples": 2 * (5 + 1)}
+    # qa_first: the QA examples (answer-only loss: the prompt is masked) come before any reading example.
+    assert all(-100 in e["labels"] for e in examples[:2]) and not any(-100 in e["labels"] for e in examples[2:])
+    assert all(e["labels"] == e["input_ids"] for e in examples[2:])  # reading: loss on every token
+
+
+@slow
+def test_the_default_setup_learns_what_held_out_papers_say(tmp_path):
+    """The default recipe (reading every document, QA of the training papers only) at a smaller scale: closed
+    book on held-out papers' questions, the fine-tuned model's token F1 is far above the base model's and above
+    a fixed floor. A change that breaks learning (prompts, masking, reading, generation) fails here."""
+    p = data_half(make_params(tmp_path, train=LEARN, evaluate={"modes": ["closed_book"], "max_examples": 32}))
+    in_flow(train.run, p.train, p.mlflow, p.paths, p)
+    report = in_flow(evaluate.run, p.evaluate, p.mlflow, p.paths)
+    base, tuned = report["closed_book"]["base"], report["closed_book"]["finetuned"]
+    assert report["read_documents"]["held_out_documents"]  # held-out papers were read, their QA never trained on
+    assert tuned["f1"] >= LEARN_F1_FLOOR and tuned["f1"] >= 3 * base["f1"] + 0.02, (base["f1"], tuned["f1"])
+    assert tuned["f1_ci95"][0] > base["f1_ci95"][1]  # separated 95% intervals

@@ -1,0 +1,68 @@
+"""The training loss, computed only where it counts: logits for the positions whose next token is learned.
+
+Used by tasks/train.py (the Trainer's collator and `compute_loss_func`) and benchmarks/train.py.
+
+A causal LM's head turns every position into a vocabulary-sized row of logits: for Qwen2.5-0.5B's 152k vocabulary
+at batch 4 x 256 that is 1,024 x 152k floats (0.6 GB in fp32, more with its gradient), the largest tensor of a
+LoRA step, most of it thrown away under completion-only loss (prompt positions carry label -100). transformers 5
+lets `logits_to_keep` take a boolean (batch, sequence) mask: the head then runs only on the kept positions. Here
+a position is kept when the token after it is learned: answer positions for QA pairs, every position of a
+document's text. The loss is the same mean cross-entropy the model's own loss computes (a test checks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # the label of positions that are not learned (prompt, padding, the first token of a packed example)
+
+
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) booleans: position t predicts token t+1, so keep t when labels[t+1] is learned."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def with_loss_positions(collate):
+    """Wrap a data collator: each batch also carries `logits_to_keep`, which the model's forward reads."""
+
+    def collate_with_positions(examples):
+        batch = collate(examples)
+        batch["logits_to_keep"] = loss_positions(batch["labels"])
+        return batch
+
+    return collate_with_positions
+
+
+def selective_loss(outputs, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None):
+    """Cross-entropy of the kept logits (flattened in row order, as `logits_to_keep` returns them) against their
+    next tokens; summed and divided by the learned tokens of the whole accumulated batch when the Trainer says how
+    many (gradient accumulation), else averaged over this batch."""
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE]
+    logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+    loss = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
+    if num_items_in_batch is None:
+        return loss / max(targets.numel(), 1)
+    return loss / num_items_in_batch
+
+
+def frozen_embeddings_to(model, dtype: torch.dtype) -> int:
+    """`prepare_model_for_kbit_training` upcasts every non-quantised weight to fp32, the frozen input embedding
+    (and a tied or unquantised head) included: at a 152k vocabulary that doubles their 270 MB. They are frozen, so
+    the compute dtype loses nothing; returns how many bytes that saves."""
+    saved = 0
+    head = model.get_output_embeddings()
+    for module in (model.get_input_embeddings(), head):
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.requires_grad or not weight.is_floating_point() or weight.dtype == dtype:
+            continue  # trained (modules_to_save), quantised, or already there (a tied head after its embedding)
+        if type(module) not in (torch.nn.Embedding, torch.nn.Linear):  # a quantised head keeps its own storage
+            continue
+        saved += weight.numel() * (weight.element_size() - torch.finfo(dtype).bits // 8)
+        module.to(dtype)
+    if type(head) is torch.nn.Linear and head.weight.dtype == dtype and not head.weight.requires_grad:
+        # The final norm stays in fp32 (prepare_... upcast it): feed the head in its own dtype.
+        head.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
+    return saved
