@@ -1,17 +1,42 @@
-"""MLflow tracking shared by train and evaluate: one MLflow run per trained adapter.
+"""MLflow tracking: one run per thing that happened, datasets as run inputs, the adapter as a registered model.
 
-Train starts the run and records its id in the adapter folder; evaluate (a separate DVC stage, maybe a
-separate process) reopens that run, so ROUGE lands next to the training that produced the adapter.
-Open the UI:  make ui   (mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///mlflow.db)
+Open the UI:  make ui   → http://127.0.0.1:5000   (`mlflow ui` on the store of `mlflow.tracking_uri`)
+
+What a person finds there, per experiment (`mlflow.experiment_name`):
+- a **train** run per training (tag `papertune.kind=train`): params, live loss curves, the train/eval splits as
+  dataset inputs (digest = DVC's md5 of the file), the adapter as a logged model (`tasks/mlflow_model.py`, a
+  pyfunc that loads the recorded base model and applies the adapter) registered as a new version of
+  `mlflow.registered_model`. It is written once and closed when training ends; nothing reopens it.
+- an **evaluate** run per evaluation, a child of the train run that made the adapter (found by the adapter's
+  content hash, so no MLflow id is written into DVC-tracked files), with ROUGE, the eval sets as inputs and the
+  promotion decision. With another or an empty store it is a top-level run linked by the same hash tags.
+- a **train-skipped** run when a flow run kept the adapter: why, and which train run made it.
+Every run records the pid that writes it; a run a killed process left RUNNING is closed as KILLED by the next
+process that opens the store, and SIGTERM closes it at once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import signal
+import socket
+import sqlite3
 import subprocess
+import threading
 from contextlib import contextmanager
+from pathlib import Path
 
+from tasks.common import PipelineError, logger
 from tasks.params import MLflowParams
+
+KIND = "papertune.kind"  # train | train-skipped | evaluate
+ADAPTER_HASH = "papertune.adapter_hash"
+CHAMPION = "champion"
+
+
+# ---------------------------------------------------------------------------------------------- the store
 
 
 def tracking_uri(cfg: MLflowParams) -> str:
@@ -19,14 +44,65 @@ def tracking_uri(cfg: MLflowParams) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
 
 
-def _client_setup(cfg: MLflowParams):
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local `sqlite:///path` store (relative paths are relative to the working dir)."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def check_store(uri: str) -> None:
+    """A corrupt SQLite store makes MLflow fail deep inside SQLAlchemy; say which file and what to do instead."""
+    db = sqlite_file(uri)
+    if db is None or not db.exists() or db.stat().st_size == 0:  # an empty file is a new store to MLflow
+        return
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            ok = con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    except sqlite3.DatabaseError as e:
+        ok, why = False, str(e)
+    else:
+        why = "quick_check failed"
+    if not ok:
+        raise PipelineError(f"MLflow store {db} is corrupt ({why}): move it away (mv {db} {db}.corrupt) to start "
+                            "a new store, or point MLFLOW_TRACKING_URI at another one")
+
+
+def open_store(cfg: MLflowParams):
+    """(mlflow, client, experiment id): the experiment exists, writes artifacts under the project, and no run of
+    a dead process is left RUNNING."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    if mlflow.get_experiment_by_name(cfg.experiment_name) is None:
-        mlflow.create_experiment(cfg.experiment_name, artifact_location=os.path.abspath(cfg.artifact_location))
-    mlflow.set_experiment(cfg.experiment_name)
-    return mlflow
+    uri = tracking_uri(cfg)
+    check_store(uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    artifacts = Path(cfg.artifact_location).resolve()  # relative to the project, like every path in params
+    exp = client.get_experiment_by_name(cfg.experiment_name)
+    if exp is None:
+        exp_id = client.create_experiment(cfg.experiment_name, artifact_location=str(artifacts))
+    else:
+        exp_id = exp.experiment_id
+        if sqlite_file(uri) and exp.artifact_location != str(artifacts):
+            use_project_artifacts(sqlite_file(uri), exp_id, exp.artifact_location, artifacts)
+    close_stale_runs(client, exp_id)
+    return mlflow, client, exp_id
+
+
+def use_project_artifacts(db: Path, exp_id: str, old: str, new: Path) -> None:
+    """MLflow stores an experiment's artifact root as an absolute path; a moved or copied project would keep
+    writing into the old folder. Point the experiment (and, when the old folder is gone, its runs and logged
+    models) at the project's own folder. MLflow has no API for this, the SQLite schema has had these columns
+    since MLflow 1."""
+    moved = not Path(old.removeprefix("file://")).exists()
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (str(new), int(exp_id)))
+        if moved:
+            for table, col in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+                con.execute(f"UPDATE {table} SET {col} = ? || substr({col}, ?) WHERE experiment_id = ? AND "
+                            f"substr({col}, 1, ?) = ?", (str(new), len(old) + 1, int(exp_id), len(old), old))
+    logger().info(f"mlflow: experiment {exp_id} now keeps its artifacts in {new} (was {old})")
+
+
+# ---------------------------------------------------------------------------------------------- runs
 
 
 def git_commit() -> str:
@@ -45,13 +121,200 @@ def prefect_flow_run_id() -> str | None:
         return None
 
 
+def process_tags() -> dict[str, str]:
+    """Who writes the run: enough for a later process to tell whether the writer is still alive."""
+    import psutil
+
+    me = psutil.Process()
+    return {"papertune.host": socket.gethostname(), "papertune.pid": str(me.pid),
+            "papertune.pid_started": f"{me.create_time():.2f}"}
+
+
+def writer_alive(tags: dict) -> bool:
+    import psutil
+
+    if tags.get("papertune.host") != socket.gethostname() or "papertune.pid" not in tags:
+        return True  # another machine's run, or not ours: not ours to judge
+    try:
+        started = psutil.Process(int(tags["papertune.pid"])).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    return f"{started:.2f}" == tags.get("papertune.pid_started")  # same pid, other process: the writer is gone
+
+
+def close_stale_runs(client, exp_id: str) -> list[str]:
+    """Runs left RUNNING by a process that no longer exists (SIGKILL, power loss) are closed as KILLED."""
+    stale = [r for r in client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=200)
+             if not writer_alive(r.data.tags)]
+    for r in stale:
+        client.set_tag(r.info.run_id, "papertune.end", f"process {r.data.tags['papertune.pid']} ended without "
+                       "closing the run (killed); closed by a later run")
+        client.set_terminated(r.info.run_id, "KILLED")
+        logger().warning(f"mlflow: run {r.info.run_id} of a killed process (pid {r.data.tags['papertune.pid']}) "
+                         "marked KILLED")
+    return [r.info.run_id for r in stale]
+
+
 @contextmanager
-def start_run(cfg: MLflowParams, run_id: str | None = None, run_name: str | None = None, tags: dict | None = None):
-    """Start a new run (run_id None) or reopen an existing one; tags every run with the code and orchestration."""
-    mlflow = _client_setup(cfg)
-    with mlflow.start_run(run_id=run_id, run_name=run_name) as run:
-        base_tags = {"git_commit": git_commit()}
-        if flow_run_id := prefect_flow_run_id():
-            base_tags["prefect_flow_run_id"] = flow_run_id
-        mlflow.set_tags({**base_tags, **(tags or {})})
+def start_run(cfg: MLflowParams, kind: str, run_name: str, tags: dict | None = None,
+              parent_run_id: str | None = None):
+    """A new run, ended FINISHED, FAILED (an exception) or KILLED (Ctrl-C, SIGTERM). Yields (mlflow, run)."""
+    mlflow, client, exp_id = open_store(cfg)
+    base = {KIND: kind, "git_commit": git_commit(), **process_tags()}
+    if flow_run_id := prefect_flow_run_id():
+        base["prefect_flow_run_id"] = flow_run_id
+    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id,
+                           tags={**base, **{k: str(v) for k, v in (tags or {}).items()}}, log_system_metrics=False)
+    restore = on_sigterm(lambda: client.set_terminated(run.info.run_id, "KILLED"))
+    try:
         yield mlflow, run
+    except (KeyboardInterrupt, SystemExit):
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+    finally:
+        restore()
+
+
+def on_sigterm(close) -> callable:
+    """While a run is open, SIGTERM first closes it as KILLED, then does what it did before (the previous
+    handler, or exit 143). Returns the function that restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal handlers live in the main thread; the next run closes this one if killed
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        close()
+        signal.signal(signal.SIGTERM, previous)
+        if callable(previous):
+            previous(signum, frame)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------- inputs and links
+
+
+def md5_file(path: str | Path) -> str:
+    """DVC 3's hash of a file (its md5), so a dataset input can be matched with dvc.lock."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def log_dataset(mlflow, path: str | Path, name: str, context: str):
+    """Log a JSONL file as a dataset input of the active run; its digest is DVC's md5. Returns the dataset."""
+    import pandas as pd
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    path = Path(path)
+    digest = md5_file(path)
+    df = pd.read_json(path, lines=True, dtype=False) if path.stat().st_size else pd.DataFrame()
+    # Nested fields (grounding, judge) are kept as JSON text: the dataset schema MLflow infers needs flat columns.
+    for col in df.columns:
+        if df[col].map(lambda v: isinstance(v, (dict, list))).any():
+            df[col] = df[col].map(lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+    dataset = mlflow.data.from_pandas(df, source=LocalArtifactDatasetSource(str(path.resolve())), name=name, digest=digest)
+    mlflow.log_input(dataset, context=context, tags={"path": str(path), "dvc_md5": digest, "rows": str(len(df))})
+    return dataset
+
+
+def find_training_run(client, exp_id: str, adapter_hash: str):
+    """The train run that wrote the adapter with this content hash (None with another or a fresh store)."""
+    runs = client.search_runs([exp_id], f"tags.`{KIND}` = 'train' AND tags.`{ADAPTER_HASH}` = '{adapter_hash}' "
+                              "AND attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def load_logged_model(cfg: MLflowParams, model_uri: str):
+    """The pyfunc behind a models:/ or runs:/ URI of the project's store; a one-line error if there is none."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(cfg)
+    check_store(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as e:
+        raise PipelineError(f"{model_uri} cannot be loaded from {uri}: {e.message.splitlines()[0]}") from None
+
+
+def register(mlflow, cfg: MLflowParams, model_uri: str, adapter_hash: str):
+    """A new version of the experiment's registered model; the alias moves only by `promote`."""
+    return mlflow.register_model(model_uri, cfg.registered_model, tags={ADAPTER_HASH: adapter_hash})
+
+
+def version_of(client, cfg: MLflowParams, adapter_hash: str):
+    """The registered version holding the adapter with this content hash (None if it was never registered)."""
+    versions = client.search_model_versions(f"name = '{cfg.registered_model}' AND tags.`{ADAPTER_HASH}` = "
+                                            f"'{adapter_hash}'", order_by=["version_number DESC"], max_results=1)
+    return versions[0] if versions else None
+
+
+def model_id_of(version) -> str | None:
+    """The LoggedModel behind a registered version (the SQLite registry leaves model_id empty; its source is
+    models:/<model id>)."""
+    source = version.source or ""
+    return version.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
+
+
+def champion(client, cfg: MLflowParams):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(cfg.registered_model, CHAMPION)
+    except MlflowException:  # no alias yet (or no registered model)
+        return None
+
+
+def score_tag(eval_hash: str) -> str:
+    return f"heldout.{eval_hash[:12]}"  # one score per eval set: scores on different sets are not comparable
+
+
+def fmt(score: dict) -> str:
+    lo, hi = score["rougeL_ci95"]
+    return f"ROUGE-L {score['rougeL']:.4f} [{lo:.4f}, {hi:.4f}] (n={score['n']})"
+
+
+def promote(client, cfg: MLflowParams, version, score: dict, eval_hash: str) -> dict:
+    """Move `champion` to `version` only when its held-out ROUGE-L 95% CI lies wholly above the champion's on the
+    same eval set. Records both scores and the decision on the version (tags and description); returns them."""
+    name, tag = cfg.registered_model, score_tag(eval_hash)
+    client.set_model_version_tag(name, version.version, tag, json.dumps(score))
+    current = champion(client, cfg)
+    theirs = json.loads(current.tags[tag]) if current is not None and tag in current.tags else None
+    if current is None:
+        promoted, why = True, "first version scored: no champion yet"
+    elif current.version == version.version:
+        promoted, why = True, "already the champion"
+    elif theirs is None:
+        promoted, why = False, (f"champion v{current.version} has no score on eval set {eval_hash[:12]} "
+                                "(evaluate it on this set to compare); champion kept")
+    elif score["rougeL_ci95"][0] > theirs["rougeL_ci95"][1]:
+        promoted, why = True, f"CI above champion v{current.version}'s ({fmt(theirs)})"
+    else:
+        promoted, why = False, f"CI not above champion v{current.version}'s ({fmt(theirs)}); champion kept"
+    decision = (f"{'champion' if promoted else 'not promoted'}: {fmt(score)} on {cfg.promote_on} held-out "
+                f"eval set {eval_hash[:12]}; {why}")
+    if current is not None and current.version == version.version:
+        return {"promoted": True, "decision": decision, "version": version.version,
+                "champion_version": current.version, "champion_score": theirs}  # the promotion record stands
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    client.set_model_version_tag(name, version.version, "papertune.promotion", decision)
+    client.update_model_version(name, version.version, description=decision)
+    return {"promoted": promoted, "decision": decision, "version": version.version,
+            "champion_version": current.version if current is not None else None, "champion_score": theirs}

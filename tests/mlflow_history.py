@@ -1,0 +1,39 @@
+"""A real MLflow history, built once per test session: data half, one training of the builtin tiny model (a few
+steps), one evaluation, a skipped training and a second evaluation, in a store of its own. Used by
+tests/test_mlflow_runs.py (what the store holds) and tests/test_mlflow_ui.py (what the UI shows of it)."""
+
+import pytest
+
+from tasks import evaluate, train, tracking
+from tests.conftest import data_half, in_flow, make_params
+
+FAST = dict(max_steps=8, logging_steps=4, eval_steps=4, save_steps=4, per_device_train_batch_size=4)
+EVAL = dict(max_examples=8, max_new_tokens=8, modes=["closed_book"], bootstrap_samples=200)
+
+
+_BUILT: list = []  # one history per session, shared by the modules that import this one
+
+
+def build(tmp_path_factory):
+    """(params, client, experiment id, train run, train run after the first evaluation, skipped result); the
+    store's URI is params.mlflow.tracking_uri (set MLFLOW_TRACKING_URI to it to read it)."""
+    if _BUILT:
+        return _BUILT[0]
+    tmp = tmp_path_factory.mktemp("mlflow-history")
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", store)
+    try:
+        p = data_half(make_params(tmp, train=FAST, evaluate=EVAL,
+                                  mlflow={"tracking_uri": store, "artifact_location": str(tmp / "mlartifacts")}))
+        _, client, exp_id = tracking.open_store(p.mlflow)
+        in_flow(train.run, p.train, p.mlflow, p.paths, p)
+        (train_run,) = client.search_runs([exp_id], "tags.`papertune.kind` = 'train'")
+        in_flow(evaluate.run, p.evaluate, p.mlflow, p.paths)
+        after_first_eval = client.get_run(train_run.info.run_id)
+        skipped = in_flow(train.run, p.train, p.mlflow, p.paths, p)
+        in_flow(evaluate.run, p.evaluate, p.mlflow, p.paths)
+    finally:
+        mp.undo()
+    _BUILT.append((p, client, exp_id, train_run, after_first_eval, skipped))
+    return _BUILT[0]
