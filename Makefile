@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install              ## install, reproduce the whole pipeline with DVC, print the ROUGE table
-	dvc repro
+	python -m tasks.prefect_server dvc repro   # one Prefect server shared by every stage, stopped at the end
 	python -m flows.report
 
 test: install browser     ## the test suite (CI runs exactly this)
@@ -46,6 +46,7 @@ bench: install            ## speed and memory benchmarks (figures and ratios, si
 	python benchmarks/ingest.py
 	python benchmarks/train.py
 	python benchmarks/eval.py
+	python benchmarks/pipeline.py
 
 clean:                    ## remove caches (not DVC-tracked outputs)
 	rm -rf .prefect .pytest_cache

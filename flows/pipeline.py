@@ -13,9 +13,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks import base_model, chunk, evaluate, ingest, qa, split, train
-from tasks.common import PipelineError, task_runner
-from tasks.params import Params, load_params
+from tasks import base_model, chunk, evaluate, export, ingest, qa, split, train
+from tasks.common import PipelineError, check_prefect_db, project_lock, shown, task_runner
+from tasks.params import Params, ParamsError, load_params
+from tasks.prefect_server import local_server
 
 
 @flow(name="papertune-stages")
@@ -25,6 +26,7 @@ def stages(p: Params) -> dict:
     chunk.run(p.chunk, p.paths)
     qa.run(p.qa, p.paths)
     split.run(p.split, p.paths)
+    export.run(p.export, p.qa, p.paths)
     train.run(p.train, p.mlflow, p.paths, record=p)
     return evaluate.run(p.evaluate, p.mlflow, p.paths)
 
@@ -33,10 +35,14 @@ def stages(p: Params) -> dict:
 def pipeline(params_file: str = "params.yaml", pdf_dir: str | None = None) -> dict:
     """Load params (a deployment may point at another corpus folder), then run the stages on the task runner
     chosen in `runner` (threads, processes or Dask)."""
-    p = load_params(params_file)
+    try:
+        p = load_params(params_file)
+    except ParamsError as e:  # in a deployment's run: a failed run with the one-line reason, not a crash
+        raise PipelineError(str(e).removeprefix("error: ")) from None
     if pdf_dir:
         p = p.model_copy(update={"paths": p.paths.model_copy(update={"pdf_dir": Path(pdf_dir)})})
-    return stages.with_options(task_runner=task_runner(p.runner))(p)
+    with project_lock(p.paths.lock):  # one pipeline per project: a second one would train over the first's adapter
+        return stages.with_options(task_runner=task_runner(p.runner))(p)
 
 
 if __name__ == "__main__":
@@ -45,8 +51,13 @@ if __name__ == "__main__":
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--params", default="params.yaml")
     params_file = args.parse_args().params
-    load_params(params_file)  # a bad params file stops here, before any work
+    params = load_params(params_file)  # a bad params file stops here, before any work
     try:
-        pipeline(params_file)
+        # Lock and check before Prefect starts its temporary server: a busy project or a corrupt database fails
+        # in a second, in one line (the flow takes the same lock again, re-entrantly, when a deployment runs it).
+        with project_lock(params.paths.lock):
+            check_prefect_db()
+            with local_server():  # dies with this process, whatever signal ends it
+                pipeline(params_file)
     except PipelineError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {shown(e)}")

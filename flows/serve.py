@@ -2,15 +2,28 @@
 prefect.yaml, served by this process).
 
 Run:  make serve    (python -m flows.serve; Ctrl-C stops it)
+
+Schedules need a Prefect server with its scheduler (Prefect's temporary server has none: "Cannot schedule flows
+on an ephemeral server"). With PREFECT_API_URL set, that server is used; otherwise a local one is started on
+127.0.0.1 at a free port, on the project's Prefect database, and stopped with this process (Ctrl-C, SIGTERM or
+SIGKILL: see tasks/prefect_server.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import multiprocessing
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import yaml
 
 from flows.pipeline import pipeline
+from tasks.common import PipelineError, check_prefect_db, shown
+from tasks.prefect_server import local_server
 
 
 def nightly(prefect_yaml: str | Path = "prefect.yaml") -> dict:
@@ -19,7 +32,45 @@ def nightly(prefect_yaml: str | Path = "prefect.yaml") -> dict:
     return next(d for d in spec["deployments"] if d["name"] == "nightly")
 
 
-if __name__ == "__main__":
+def serve(interval_s: float | None = None) -> None:
+    """Serve the nightly deployment until stopped (Ctrl-C or SIGTERM). `interval_s` replaces its cron with a short
+    interval, so a test can watch a scheduled run fire; what `make serve` serves is prefect.yaml's deployment."""
+    from prefect.runner import Runner
+    from prefect.schedules import Cron, Interval
+
     d = nightly()
-    schedule = d["schedules"][0]
-    pipeline.serve(name=d["name"], cron=schedule["cron"], parameters=d["parameters"], description=d["description"])
+    cron = d["schedules"][0]
+    schedule = Interval(interval_s) if interval_s else Cron(cron["cron"], timezone=cron.get("timezone"))
+    check_prefect_db()  # a corrupt database would make the server exit: say which file, and what to do
+    with local_server(services=True) as api:
+        runner = Runner(name=d["name"], pause_on_shutdown=False, limit=1)  # one pipeline at a time (project lock)
+        runner.add_flow(pipeline, name=d["name"], schedules=[schedule], parameters=d["parameters"],
+                        description=d["description"])
+        print(f"serving deployment {d['name']!r} ({f'every {interval_s:g} s' if interval_s else cron['cron']}) "
+              f"on the Prefect API {api}; Ctrl-C stops it", flush=True)
+        # Prefect's runner, started in the main thread, takes over SIGTERM and then deadlocks stopping itself:
+        # it runs in a thread, and SIGTERM ends this process like Ctrl-C (local_server then stops the server).
+        signal.signal(signal.SIGTERM, _interrupt)
+        # The thread runs in this context: Prefect's settings (the API URL of our server) live in context variables.
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(asyncio.run, runner.start()),
+                                  name="prefect-runner", daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
+                thread.join(1)
+        finally:
+            for child in multiprocessing.active_children():  # a flow run in progress would outlive its server
+                child.kill()
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    try:
+        serve()
+    except PipelineError as e:
+        sys.exit(f"error: {shown(e)}")
+    except KeyboardInterrupt:
+        pass

@@ -1,6 +1,7 @@
 """The one typed model of params.yaml: every value the pipeline uses, one section per stage.
 
 Check a params file:  python -m tasks.params [--params params.yaml]
+(DVC's first stage runs the same; it also writes the stamp `paths.params_check` that every other stage depends on.)
 
 Values live only in params.yaml (no defaults here); an unknown or mistyped key stops the run before any work
 with one line naming the file, the key and what was expected. Each stage receives only its own section
@@ -10,6 +11,7 @@ with one line naming the file, the key and what was expected. Each stage receive
 from __future__ import annotations
 
 import argparse
+import difflib
 from pathlib import Path
 from typing import Literal
 
@@ -36,9 +38,16 @@ class Paths(Section):
     chunks: Path = Field(description="chunk → JSONL of token-bounded chunks.")
     qa: Path = Field(description="qa → JSONL of filtered question–answer pairs with provenance.")
     qa_report: Path = Field(description="qa → JSON report of generated, dropped and kept pairs.")
+    qa_cache: Path = Field(
+        description="qa → one file per teacher/judge reply, keyed by backend, model, revision, prompt and sampling "
+        "params (git-ignored): a rerun, or a changed filter, never asks the same request again."
+    )
     train_split: Path = Field(description="split → JSONL of training pairs.")
     eval_split: Path = Field(description="split → JSONL of held-out pairs (documents never seen in training).")
     split_report: Path = Field(description="split → JSON report: documents and pairs per side, leakage check.")
+    export_dir: Path = Field(
+        description="export → train/eval as alpaca, sharegpt and OpenAI-chat JSONL, a `datasets` folder and a card."
+    )
     adapter: Path = Field(description="train → folder with the LoRA adapter, tokenizer and resolved params.")
     checkpoints: Path = Field(description="train → Trainer checkpoints, used to resume an interrupted run.")
     train_metrics: Path = Field(description="train → JSON metrics (DVC metrics).")
@@ -47,6 +56,13 @@ class Paths(Section):
     predictions: Path = Field(description="evaluate → JSONL with question, reference, base and fine-tuned answers.")
     rouge_plot: Path = Field(description="evaluate → CSV of ROUGE per mode and model (DVC plot).")
     plots_dir: Path = Field(description="train/evaluate → PNG plots logged to MLflow.")
+    params_check: Path = Field(
+        description="params → stamp written when params.yaml validates; every DVC stage depends on it, so a bad "
+        "params file stops `dvc repro` before any stage runs (its content never changes)."
+    )
+    lock: Path = Field(
+        description="Lock file held (with the holder's pid) while a pipeline or a stage runs: one run per project."
+    )
 
 
 class TinyModel(Section):
@@ -95,6 +111,18 @@ class IngestParams(Section):
     header_footer_min_pages: int = Field(
         ge=2, description="A line in the margin repeated on at least this many pages is a running header/footer."
     )
+    use_outline: bool = Field(
+        description="Take sections from the PDF outline (hyperref bookmarks) when the PDF has one, each matched "
+        "to its printed line; false: headings from the layout alone (what PDFs without an outline get)."
+    )
+    reference_stop_chars: int = Field(
+        gt=0, description="Characters of text that does not read as reference entries, after the last entry, "
+        "that end the reference list (what follows, e.g. appendices, is kept)."
+    )
+    drop_figure_text: bool = Field(
+        description="Drop the short lines between a 'Figure N:' caption and the text above it (axis ticks, "
+        "legends, labels drawn in the figure); they are counted as figure_text in the ingest report."
+    )
 
 
 class ChunkParams(Section):
@@ -113,28 +141,85 @@ class OpenAIParams(Section):
     base_url: str = Field(description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 for vLLM.")
     model: str = Field(description="Model name the endpoint serves.")
     api_key_env: str = Field(description="Name of the environment variable holding the API key (never the key).")
-    prompt_template: str = Field(description="User prompt; {title}, {section}, {text} and {n} are filled in.")
-    pairs_per_chunk: int = Field(gt=0, description="Pairs asked for per chunk.")
-    temperature: float = Field(ge=0)
     max_concurrency: int = Field(gt=0, description="Requests in flight at once (per process).")
-    max_retries: int = Field(ge=0, description="Retries with exponential backoff on 429, 5xx and connection errors.")
+    max_retries: int = Field(
+        ge=0, description="Retries with exponential backoff on 429, 5xx, connection errors and non-JSON bodies."
+    )
     timeout_s: float = Field(gt=0, description="Per-request timeout in seconds.")
 
 
+class HFParams(Section):
+    model: str = Field(description="Instruct model for transformers: a Hub id or a local folder (save_pretrained).")
+    revision: str = Field(description="Hub revision (branch, tag or commit); a local folder is fingerprinted instead.")
+    batch_size: int = Field(gt=0, description="Prompts generated together (left-padded).")
+    fallback_template: str = Field(
+        description="Prompt format for a model without a chat template; {prompt} is filled in."
+    )
+
+
+class TeacherParams(Section):
+    prompt_template: str = Field(
+        description="Teacher prompt; {title}, {section}, {text} and {n} are filled in; the reply must be JSON "
+        '{"pairs": [{"kind", "question", "answer"}]}.'
+    )
+    tokens_per_pair: int = Field(
+        gt=0, description="Pairs asked per chunk = its n_tokens / this (at least 1, at most qa.max_pairs_per_chunk)."
+    )
+    temperature: float = Field(ge=0, description="0 = greedy (deterministic on the hf backend).")
+    max_new_tokens: int = Field(gt=0, description="Reply length limit.")
+
+
+class JudgeParams(Section):
+    enabled: bool = Field(description="Rate every pair that passed the length and grounding filters.")
+    backend: Literal["openai", "hf"] = Field(description="Which of qa.openai / qa.hf judges.")
+    prompt_template: str = Field(
+        description="Judge prompt; {title}, {section}, {text}, {question} and {answer} are filled in; the reply "
+        'must be JSON {"faithfulness": 1-5, "self_contained": 1-5, "usefulness": 1-5}.'
+    )
+    temperature: float = Field(ge=0, description="0 = greedy: the same pair gets the same verdict.")
+    max_new_tokens: int = Field(gt=0, description="Reply length limit (the verdict is a small JSON object).")
+    min_faithfulness: int = Field(ge=1, le=5, description="Keep a pair only if the chunk supports it this well.")
+    min_self_contained: int = Field(ge=1, le=5, description="... and its question makes sense without the chunk.")
+    min_usefulness: int = Field(ge=1, le=5, description="... and a reader of the paper would want to know it.")
+
+
 class QAParams(Section):
-    backend: Literal["extractive", "openai"] = Field(description="Which generator makes the pairs.")
+    backend: Literal["extractive", "openai", "hf"] = Field(description="Which generator makes the pairs.")
     max_pairs_per_chunk: int = Field(gt=0, description="Keep at most this many pairs per chunk.")
-    min_question_chars: int = Field(ge=1)
-    max_question_chars: int = Field(gt=1)
-    min_answer_chars: int = Field(ge=1)
-    max_answer_chars: int = Field(gt=1)
+    min_question_chars: int = Field(ge=1, description="Shorter questions are dropped ('Why?').")
+    max_question_chars: int = Field(gt=1, description="Longer questions are dropped.")
+    min_answer_chars: int = Field(ge=1, description="Shorter answers are dropped (a bare number or name).")
+    max_answer_chars: int = Field(gt=1, description="Longer answers are dropped (a pasted paragraph).")
     min_grounding: float = Field(ge=0, le=1, description="Min ROUGE-L recall of the answer against its chunk.")
+    near_duplicate_threshold: float = Field(
+        gt=0, le=1, description="A question whose estimated Jaccard similarity (MinHash over word pairs of the "
+        "normalised question, paper title removed) to an earlier kept one reaches this is dropped."
+    )
+    minhash_permutations: int = Field(gt=15, description="MinHash size: more is a finer similarity estimate.")
+    teacher: TeacherParams
+    judge: JudgeParams
     openai: OpenAIParams
+    hf: HFParams
 
 
 class SplitParams(Section):
     eval_fraction: float = Field(gt=0, lt=1, description="Share of documents held out for evaluation.")
     seed: int = Field(description="Salt of the per-document hash that assigns it to a side.")
+    near_duplicate_threshold: float = Field(
+        gt=0, le=1, description="Leakage gate: an eval question this similar to a training question (the QA "
+        "stage's MinHash test) is dropped from eval."
+    )
+    minhash_permutations: int = Field(gt=15, description="MinHash size of the leakage gate.")
+
+
+class ExportParams(Section):
+    formats: list[Literal["alpaca", "sharegpt", "openai", "datasets"]] = Field(
+        min_length=1, description="What to write for train and eval: JSONL per format, `datasets` = save_to_disk."
+    )
+    system_prompt: str = Field(description="System message of sharegpt/OpenAI-chat rows ('' for none).")
+    include_context: bool = Field(
+        description="Put the source chunk in alpaca's `input` / before the question (open-book data)."
+    )
 
 
 class TrainParams(Section):
@@ -144,6 +229,28 @@ class TrainParams(Section):
     lora_alpha: int = Field(gt=0)
     lora_dropout: float = Field(ge=0, lt=1)
     target_modules: str | list[str] = Field(description="'all-linear' or a list of module names.")
+    modules_to_save: list[str] = Field(
+        description="Modules trained in full next to LoRA (peft modules_to_save), e.g. [embed_tokens, lm_head]. "
+        "Only for the builtin random model, whose embeddings know nothing yet; [] for a real model."
+    )
+    read_documents: Literal["all", "train", "none"] = Field(
+        description="Whose text training reads besides the QA pairs (loss on every token): all documents (held-out "
+        "papers too, never their QA pairs), only the training papers, or none (QA pairs only)."
+    )
+    data_order: Literal["mixed", "qa_first"] = Field(
+        description="mixed: QA and reading examples shuffled together; qa_first: each pass shows the QA pairs, "
+        "then the reading (Jiang et al. 2024: QA before/with documents helps knowledge learning)."
+    )
+    reading_template: str = Field(
+        description="How a chunk is read: {title}, {section} and {text} filled in (the title lets a question "
+        "naming the paper recall it)."
+    )
+    reading_sentences: bool = Field(
+        description="Also read each sentence of a chunk alone under its title and section (augmentation: a fact "
+        "seen in several contexts is recalled, not only recited)."
+    )
+    reading_shuffles: int = Field(ge=0, description="Sentence-shuffled copies of each text chunk to read.")
+    qa_repeats: int = Field(ge=1, description="Copies of each QA pair per pass (the QA share of the mix).")
     prompt_template: str = Field(description="Used when the tokenizer has no chat template; {question} filled in.")
     system_prompt: str = Field(description="System message when the chat template is used ('' for none).")
     max_seq_length: int = Field(gt=8, description="Length of a packed training sequence.")
@@ -178,8 +285,17 @@ class EvaluateParams(Section):
 
 class MLflowParams(Section):
     tracking_uri: str = Field(description="Tracking store; MLFLOW_TRACKING_URI in the environment wins.")
-    artifact_location: str = Field(description="Artifact root for a newly created experiment.")
-    experiment_name: str
+    artifact_location: str = Field(
+        description="Artifact root of the experiment, relative to the project (a moved project re-points it)."
+    )
+    experiment_name: str = Field(description="One experiment per project: train, evaluate and skip runs.")
+    registered_model: str = Field(
+        description="Registered model every trained adapter becomes a version of; alias `champion` marks the best."
+    )
+    promote_on: Literal["closed_book", "open_book"] = Field(
+        description="Held-out mode whose ROUGE-L 95% CI must lie above the champion's for a version to be promoted."
+    )
+    model_max_new_tokens: int = Field(gt=0, description="Answer length of the logged pyfunc model (predict).")
 
 
 class RunnerParams(Section):
@@ -195,6 +311,7 @@ class Params(Section):
     chunk: ChunkParams
     qa: QAParams
     split: SplitParams
+    export: ExportParams
     train: TrainParams
     evaluate: EvaluateParams
     mlflow: MLflowParams
@@ -219,16 +336,39 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "missing key"
-        else:
-            msg = f"{err['msg']}, got {err.get('input')!r}"
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ParamsError(f"{path}: {key}: {msg}{more}") from None
+        raise ParamsError(f"{path}: {describe_errors(e.errors())}") from None
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (a dotted location inside Params), for 'did you mean'."""
+    model: type[BaseModel] | None = Params
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model else None
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model else []
+
+
+def describe_errors(errors: list[dict]) -> str:
+    """The first error as one line. A typo shows as an unknown key plus a missing one: report the unknown key
+    first, with the closest valid name, and do not count the missing key it explains as another error."""
+    errors = sorted(errors, key=lambda err: {"extra_forbidden": 0, "missing": 2}.get(err["type"], 1))
+    err, rest = errors[0], errors[1:]
+    *parent, last = [str(p) for p in err["loc"]] or ["(top level)"]
+    key = ".".join([*parent, last])
+    if err["type"] == "extra_forbidden":
+        missing = [e for e in rest if e["type"] == "missing" and [str(p) for p in e["loc"][:-1]] == parent]
+        names = [str(e["loc"][-1]) for e in missing] or _fields_at(tuple(parent))
+        close = difflib.get_close_matches(last, names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        rest = [e for e in rest if not (close and e in missing and str(e["loc"][-1]) == close[0])]
+        where = f"{'.'.join(parent)}: " if parent else ""
+        msg = f"{where}unknown key {last!r}{hint}"
+    elif err["type"] == "missing":
+        msg = f"{key}: missing key"
+    else:
+        msg = f"{key}: {err['msg']}, got {err.get('input')!r}"
+    return msg + (f" (and {len(rest)} more)" if rest else "")
 
 
 def flatten(params: Params) -> dict[str, str]:
@@ -253,6 +393,18 @@ def params_arg(description: str) -> Params:
     return load_params(parser.parse_args().params)
 
 
+def write_check_stamp(params: Params) -> None:
+    """The output of DVC's first stage. Its content never changes, so a valid edit re-runs only the stages whose
+    params changed, while an invalid file fails this stage, and `dvc repro` stops before any stage removes or
+    rewrites an output."""
+    stamp = Path(params.paths.params_check)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stamp.with_name(f".{stamp.name}.tmp")
+    tmp.write_text("params.yaml is valid\n")
+    tmp.replace(stamp)
+
+
 if __name__ == "__main__":
-    p = params_arg("Validate a params file.")
+    p = params_arg("Validate a params file (and write paths.params_check, DVC's first stage).")
+    write_check_stamp(p)
     print(f"ok: {len(flatten(p))} params")

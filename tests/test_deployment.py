@@ -11,7 +11,6 @@ import pytest
 
 from tests.conftest import ROOT, SAMPLE_PDFS, free_port, make_params, start, stop, wait_http, write_params
 
-pytestmark = pytest.mark.slow
 BIN = os.path.dirname(sys.executable)
 
 
@@ -34,6 +33,7 @@ def logs(api: str, run_id: str) -> str:
     return "\n".join(r["message"] for r in rows)
 
 
+@pytest.mark.slow  # a Prefect server, a worker and three pipeline runs
 def test_scheduled_deployment_runs_incrementally(tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"

@@ -1,6 +1,7 @@
 """params.yaml, the params model, dvc.yaml and the flow agree; bad params stop before any work."""
 
 import ast
+import re
 import subprocess
 import sys
 
@@ -39,8 +40,9 @@ def test_dvc_stages_flow_and_params_sections_agree():
 
     stages = dvc_stages()
     calls = flow_calls()
-    # Same stages, same order, in dvc.yaml and in the flow.
-    assert [m for m, _ in calls] == list(stages)
+    # Same stages, same order, in dvc.yaml and in the flow (after DVC's params check, which the flow does on load).
+    assert list(stages)[0] == "params" and stages["params"]["cmd"] == "python -m tasks.params"
+    assert [m for m, _ in calls] == list(stages)[1:]
     for name, sections in calls:
         module = importlib.import_module(f"tasks.{name}")
         assert stages[name]["cmd"] == f"python -m tasks.{name}"
@@ -64,14 +66,18 @@ def test_every_stage_output_path_comes_from_params():
 @pytest.mark.parametrize(
     "edit, expected",
     [
-        (("  seed: 7", "  seed: 7\n  sed: 3"), "split.sed: unknown key"),
+        (("  seed: 7", "  seed: 7\n  sed: 3"), "split: unknown key 'sed' (did you mean seed?)"),
+        # A misspelt key is also a missing one: the typo is the news, and it is not counted twice.
+        (("  learning_rate:", "  learnig_rate:"), "train: unknown key 'learnig_rate' (did you mean learning_rate?)"),
         (("  min_chars: 200", "  min_chars: lots"), "ingest.min_chars: Input should be a valid integer"),
-        (("  hidden_size: 128", "  hidden_size: 120"), "model.tiny"),
+        ((r"  hidden_size: \d+", "  hidden_size: 120"), "model.tiny"),  # not a multiple of 32
     ],
 )
 def test_bad_params_stop_with_one_line(tmp_path, edit, expected):
     bad = tmp_path / "params.yaml"
-    bad.write_text((ROOT / "params.yaml").read_text().replace(*edit, 1))
+    text, edits = re.subn(edit[0], edit[1], (ROOT / "params.yaml").read_text(), count=1)
+    assert edits == 1, edit  # else the params are valid, and the whole pipeline would run
+    bad.write_text(text)
     result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", str(bad)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0

@@ -11,9 +11,6 @@ import yaml
 
 from tests.conftest import ROOT, SAMPLE_PDFS
 
-pytestmark = pytest.mark.slow
-
-
 def project_copy(tmp_path, edits: dict) -> tuple:
     """A git + DVC checkout of this project's tracked files with params edited; returns (dir, env)."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
@@ -47,6 +44,7 @@ def run(cmd: list[str], cwd, env, timeout=900) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_flow_end_to_end_beats_base_and_records_mlflow(tmp_path):
     work, env = project_copy(tmp_path, {})
     out = run([sys.executable, "-m", "flows.pipeline"], work, env)
@@ -64,24 +62,28 @@ def test_flow_end_to_end_beats_base_and_records_mlflow(tmp_path):
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["papertune"], output_format="list")
-    assert len(runs) == 1  # training and evaluation landed in one run
-    r = runs[0]
+    by_kind = {r.data.tags["papertune.kind"]: r for r in runs}
+    assert sorted(by_kind) == ["evaluate", "train"] and len(runs) == 2  # one run per thing that happened
+    r, ev = by_kind["train"], by_kind["evaluate"]
+    assert ev.data.tags["mlflow.parentRunId"] == r.info.run_id  # the evaluation is a child of its training
     assert r.data.params["train.quantization"] == "4bit" and r.data.params["qa.backend"] == "extractive"
     assert r.data.params["paths.pdf_dir"] == "data/sample/pdfs" and len(r.data.params) > 80
-    assert r.data.metrics["closed_book.finetuned.rougeL"] == report["closed_book"]["finetuned"]["rougeL"]
-    assert "closed_book.delta.rougeL" in r.data.metrics and "final_eval_loss" in r.data.metrics
+    assert ev.data.metrics["closed_book.finetuned.rougeL"] == report["closed_book"]["finetuned"]["rougeL"]
+    assert "closed_book.delta.rougeL" in ev.data.metrics and "final_eval_loss" in r.data.metrics
     assert r.data.tags["prefect_flow_run_id"] and r.data.tags["qa_dataset_hash"] and r.data.tags["git_commit"]
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(r.info.run_id, "train_loss")) >= 10  # the loss curve, step by step
-    adapter = {a.path for a in client.list_artifacts(r.info.run_id, "adapter")}
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/params.yaml"} <= adapter
-    assert {a.path for a in client.list_artifacts(r.info.run_id, "plots")} >= {"plots/loss.png", "plots/rouge.png"}
+    (model,) = mlflow.search_logged_models(experiment_ids=[r.info.experiment_id], output_format="list")
+    assert model.source_run_id == r.info.run_id  # the adapter as a logged (and registered) pyfunc model
+    assert {a.path for a in client.list_artifacts(r.info.run_id, "plots")} >= {"plots/loss.png"}
+    assert {a.path for a in client.list_artifacts(ev.info.run_id, "plots")} >= {"plots/rouge.png"}
 
     # Ask the fine-tuned model from the command line.
     answer = run([sys.executable, "-m", "flows.ask", "What does LoRA freeze?"], work, env)
     assert answer.strip()
 
 
+@pytest.mark.slow
 def test_dvc_repro_is_incremental(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -97,14 +99,17 @@ def test_dvc_repro_is_incremental(tmp_path):
         assert f"Running stage '{stage}'" in first
     assert "Data and pipelines are up to date" in run(dvc + ["repro"], work, env)
 
-    # A qa param re-runs qa and what follows, not ingest, base_model or chunk.
+    # A qa param re-runs qa (and, as its output changes, what follows), not ingest, base_model or chunk. A dry
+    # run says which stages DVC finds changed without running them (a real rerun would train again).
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["qa"]["min_answer_chars"] = 60  # drops short answers: the QA dataset changes
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    second = run(dvc + ["repro"], work, env)
+    second = run(dvc + ["repro", "--dry"], work, env)
     ran = {s for s in ("ingest", "base_model", "chunk", "qa", "split", "train", "evaluate")
            if f"Running stage '{s}'" in second}
-    assert ran == {"qa", "split", "train", "evaluate"}, second[-2000:]
+    assert ran == {"qa"}, second[-2000:]
+    downstream = run(dvc + ["dag", "--dot"], work, env)
+    assert all(f'"{a}" -> "{b}"' in downstream for a, b in (("qa", "split"), ("split", "train"), ("train", "evaluate")))
 
     # A new PDF: DVC re-runs ingest, and the stage extracts only that PDF (the rest come from Prefect's cache).
     shutil.copy(pdfs[5], corpus)
@@ -112,3 +117,85 @@ def test_dvc_repro_is_incremental(tmp_path):
     assert "ingest: 1 computed, 5 from cache" in third
     assert "chunk: 1 computed, 5 from cache" in third
     assert "metrics" in run(dvc + ["metrics", "show"], work, env)
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        return {int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()}
+    except OSError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie is dead for our purpose: it holds no port and runs nothing
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _server_child(proc, timeout: float = 60) -> int:
+    """The pid of the uvicorn (Prefect server) child of `proc`, once it exists."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in _children(proc.pid):
+            if "uvicorn" in open(f"/proc/{child}/cmdline").read():
+                return child
+        assert proc.poll() is None, "the process ended before starting its Prefect server"
+        time.sleep(0.05)
+    raise TimeoutError("no Prefect server child appeared")
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    import time
+
+    deadline = time.time() + timeout
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_killed_stage_leaves_no_prefect_server(tmp_path, sig):
+    """Prefect's temporary server used to outlive a killed stage (re-parented to PID 1, running for good)."""
+    import signal
+
+    from tests.conftest import make_params, write_params
+
+    params = write_params(make_params(tmp_path), tmp_path / "params.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    stage = subprocess.Popen([sys.executable, "-m", "tasks.ingest", "--params", str(params)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server = _server_child(stage)
+        stage.send_signal(getattr(signal, sig))
+        stage.wait(timeout=30)
+        assert _gone(server), f"the Prefect server (pid {server}) outlived the stage killed with {sig}"
+    finally:
+        stage.kill()
+
+
+@pytest.mark.slow
+def test_make_run_wrapper_killed_leaves_no_prefect_server(tmp_path):
+    """`make run` shares one server between stages through `python -m tasks.prefect_server`; SIGKILL of the
+    wrapper (no cleanup code runs) still takes its server down."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    wrapper = subprocess.Popen([sys.executable, "-m", "tasks.prefect_server", sys.executable, "-c",
+                                "import os, time; print(os.environ['PREFECT_API_URL'], flush=True); time.sleep(120)"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    command = None
+    try:
+        assert wrapper.stdout.readline().startswith("http://127.0.0.1:")  # the command sees the shared server
+        server = _server_child(wrapper)
+        command = next(c for c in _children(wrapper.pid) if c != server)
+        wrapper.send_signal(signal.SIGKILL)
+        wrapper.wait(timeout=30)
+        assert _gone(server), f"the shared Prefect server (pid {server}) outlived its wrapper"
+    finally:
+        wrapper.kill()
+        if command and _alive(command):
+            os.kill(command, signal.SIGKILL)

@@ -1,26 +1,33 @@
 """Scale-out: the data half on a Dask cluster matches the default runner; training is ready for DDP."""
 
+import shutil
+
 import pytest
+from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from tasks import base_model, train
 from tasks.common import read_json
-from tests.conftest import data_half, make_params
-
-pytestmark = pytest.mark.slow
+from tests.conftest import SAMPLE_PDFS, data_half, make_params
 
 
-def test_dask_local_cluster_gives_the_same_qa_dataset(tmp_path, monkeypatch, caplog):
-    threads = make_params(tmp_path / "threads")
-    dask = make_params(tmp_path / "dask", runner={"kind": "dask", "max_workers": 2, "dask_address": None})
+@pytest.mark.slow  # a Dask cluster of worker processes
+def test_dask_local_cluster_gives_the_same_qa_dataset(tmp_path, caplog):
+    corpus = tmp_path / "corpus"  # four papers: enough to fan out over two workers, half the work of eight
+    corpus.mkdir()
+    for pdf in sorted(SAMPLE_PDFS.glob("*.pdf"))[:4]:
+        shutil.copy(pdf, corpus)
+    threads = make_params(tmp_path / "threads", pdf_dir=corpus)
+    dask = make_params(tmp_path / "dask", pdf_dir=corpus,
+                       runner={"kind": "dask", "max_workers": 2, "dask_address": None})
     data_half(threads, through="qa")
-    # The Dask workers (separate processes, started by the flow) must really compute, not read the cache.
-    monkeypatch.setenv("PREFECT_TASKS_REFRESH_CACHE", "true")
-    with caplog.at_level("INFO"):
+    # The Dask workers (separate processes, started by the flow) must really compute, not read the cache. The
+    # setting, not the environment variable: Prefect reads its environment once, when it is first imported.
+    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}), caplog.at_level("INFO"):
         data_half(dask, through="qa")  # the flow's task runner comes from params: a Dask LocalCluster
-    assert any(m.startswith("ingest: 8 computed, 0 from cache") for m in caplog.messages)
+    assert any(m.startswith("ingest: 4 computed, 0 from cache") for m in caplog.messages)
     assert any(m.startswith("qa (extractive):") and ", 0 from cache" in m for m in caplog.messages)
     a, b = read_json(threads.paths.qa_report), read_json(dask.paths.qa_report)
-    assert a["kept"] > 100 and a["dataset_hash"] == b["dataset_hash"]
+    assert a["kept"] > 40 and a["dataset_hash"] == b["dataset_hash"]
     assert threads.paths.chunks.read_text() == dask.paths.chunks.read_text()
 
 
@@ -53,10 +60,10 @@ def test_retraining_threshold_on_changed_training_pairs(tmp_path):
     base = {"name": "builtin:tiny-llama", "revision": None, "tokenizer_hash": "t"}
     old_ids = [f"pair{i}" for i in range(100)]
     write_json(p.paths.adapter / train.META, {"run_key": "old", "train_params": p.train.model_dump(mode="json"),
-                                              "base_model": base, "train_pair_ids": old_ids})
-    key = {"key": "new", "base_model": base}
-    assert train.skip_reason(p.train, p.paths, {**key, "key": "old"}, old_ids) == \
-        "QA dataset and training params unchanged"
+                                              "base_model": base, "train_pair_ids": old_ids, "code_hash": "c"})
+    key = {"key": "new", "base_model": base, "code_hash": "c"}
+    assert train.skip_reason(p.train, p.paths, {**key, "key": "old"}, old_ids).startswith(
+        "QA dataset and training params unchanged")
     few_new = old_ids[:95] + [f"new{i}" for i in range(5)]  # 10 of 105 ids differ: 9.5%
     assert train.skip_reason(p.train, p.paths, key, few_new).startswith("only 9.5% of training pairs changed")
     many_new = old_ids[:60] + [f"new{i}" for i in range(40)]
@@ -73,3 +80,29 @@ def test_make_serve_uses_the_deployment_of_prefect_yaml():
     deployment = pipeline.to_deployment(name=d["name"], cron=d["schedules"][0]["cron"], parameters=d["parameters"])
     assert deployment.name == "nightly" and deployment.parameters == {"params_file": "params.yaml", "pdf_dir": None}
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
+
+
+def test_loss_on_kept_logits_equals_the_models_own_loss():
+    """Training computes logits only where the next token is learned (answers; all of a document's text):
+    the same loss as the model's own on full logits, packed or padded, from a fraction of the head's work."""
+    import torch
+    from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
+
+    from tasks.loss import selective_loss, with_loss_positions
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    qa = {"input_ids": list(range(5, 25)), "labels": [-100] * 14 + list(range(19, 25))}  # prompt, then answer
+    text = {"input_ids": list(range(30, 42)), "labels": list(range(30, 42))}  # a document: every token learned
+    packed = DataCollatorWithFlattening()([qa, text])
+    padded = {"input_ids": torch.tensor([qa["input_ids"], text["input_ids"] + [0] * 8]),
+              "labels": torch.tensor([qa["labels"], text["labels"] + [-100] * 8]),
+              "attention_mask": torch.tensor([[1] * 20, [1] * 12 + [0] * 8])}
+    for batch in (packed, padded):
+        full = model(**batch).loss
+        kept = with_loss_positions(lambda _: dict(batch))(None)
+        labels = kept.pop("labels")
+        out = model(**kept)
+        assert out.logits.shape[-2] == int((labels[:, 1:] != -100).sum()) < labels.numel()
+        assert torch.allclose(selective_loss(out, labels), full, atol=1e-5), (selective_loss(out, labels), full)

@@ -1,0 +1,259 @@
+"""A local Prefect server for one run: started on 127.0.0.1 at a free port, stopped by its pid, never left behind.
+
+Run a command with one server shared by all its stages:  python -m tasks.prefect_server dvc repro
+(`make run` does this; every `python -m tasks.<stage>` inside then reuses the server instead of starting its own.)
+
+- An already configured `PREFECT_API_URL` (environment or Prefect profile) wins: nothing is started.
+- The server is Prefect's own app under uvicorn (what Prefect's temporary server runs), on the project's
+  `PREFECT_HOME` database, so runs and cached results are the same as with Prefect's temporary server.
+- It dies with the process that started it, whatever ends that process (SIGTERM, SIGKILL, a crash): the kernel
+  sends it SIGKILL when its parent dies (Linux PR_SET_PDEATHSIG). Start it from the main thread: the signal
+  follows the *thread* that forked it.
+- `services=False` (stages, tests): no scheduler or other background services, like Prefect's temporary server.
+  `services=True` (`make serve`): the scheduler runs, so deployments' cron schedules create runs.
+This module imports no Prefect at load time, so the wrapper costs almost nothing when `dvc repro` has no work.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@dataclass
+class Server:
+    url: str  # the API root, e.g. http://127.0.0.1:41234/api
+    process: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def configured_api_url() -> str | None:
+    """PREFECT_API_URL as Prefect resolves it (environment, prefect.toml, pyproject.toml, active profile)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    if "prefect" in sys.modules:  # already paid for: ask Prefect itself
+        from prefect.settings import get_current_settings
+
+        return get_current_settings().api.url
+    return _configured_api_url_without_prefect()
+
+
+def _configured_api_url_without_prefect() -> str | None:
+    # `import prefect` takes 1.5-2.5 s; the wrapper of a no-op `dvc repro` must not pay it. Same sources, same order.
+    import tomllib
+
+    def toml(path: Path) -> dict:
+        try:
+            return tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            return {}
+
+    project = toml(Path("prefect.toml")) or toml(Path("pyproject.toml")).get("tool", {}).get("prefect", {})
+    if url := project.get("api", {}).get("url"):
+        return url
+    home = Path(os.environ.get("PREFECT_HOME") or project.get("home") or "~/.prefect").expanduser()
+    profiles = toml(Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml"))
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") or None
+
+
+def _local_database() -> Path | None:
+    """The SQLite file the server would open (PREFECT_HOME/prefect.db unless a database URL is set), if it exists."""
+    import tomllib
+
+    url = os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or os.environ.get(
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL")
+    if url:
+        db = Path(url.split(":///", 1)[-1]) if url.startswith("sqlite") else None
+    else:
+        try:
+            home = tomllib.loads(Path("pyproject.toml").read_text()).get("tool", {}).get("prefect", {}).get("home")
+        except (OSError, tomllib.TOMLDecodeError):
+            home = None
+        db = Path(os.environ.get("PREFECT_HOME") or home or "~/.prefect").expanduser() / "prefect.db"
+    return db if db and db.is_file() else None
+
+
+def _database_ok(db: Path) -> bool:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+            return con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    except sqlite3.DatabaseError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the forked child before exec: ask the kernel for SIGKILL when the parent goes away."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent's stop() (atexit, finally) still stops it
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def start_server(services: bool = False, log: str | Path | None = None) -> Server:
+    """Start the server and return at once (see `wait_ready`): its ~4 s start overlaps the caller's own work."""
+    port = free_port()
+    env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT__SERVER_FINAL": "1"}
+    env.pop("PREFECT_API_URL", None)
+    if not services:
+        env["PREFECT__SERVER_EPHEMERAL"] = "1"  # Prefect's switch for "no scheduler, no background services"
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    parent = os.getpid()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+        env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: _die_with_parent(parent),
+    )
+    return Server(f"http://127.0.0.1:{port}/api", process)
+
+
+def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Poll `<url>/health` until it answers 200; a clear one-line error if it never does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise _error(f"the local Prefect server exited with code {process.returncode} before answering "
+                         f"(is .prefect/prefect.db corrupt? it holds only run history: delete it)")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise _error(f"the Prefect API at {url} did not answer within {timeout:.0f} s (PREFECT_API_URL)")
+        time.sleep(0.05)
+
+
+def _error(message: str) -> Exception:
+    from tasks.common import PipelineError  # the user's to fix: one line, not a traceback
+
+    return PipelineError(message)
+
+
+def stop_server(server: Server, grace: float = 3.0) -> None:
+    """SIGTERM (uvicorn closes the database cleanly), SIGKILL after `grace` seconds."""
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+
+
+@contextmanager
+def local_server(timeout: float = 90, services: bool = False) -> Iterator[str]:
+    """The Prefect API for this process and its children: the configured one (waited for, in case a wrapper has
+    just started it), or a server of our own, stopped on exit. Sets PREFECT_API_URL for both."""
+    url = configured_api_url()
+    if url:
+        wait_ready(url, timeout)
+        yield url
+        return
+    server = start_server(services=services)
+    try:
+        wait_ready(server.url, timeout, server.process)
+        with _api_url(server.url):
+            try:
+                yield server.url
+            finally:
+                _flush_to_api()
+    finally:
+        stop_server(server)
+
+
+def _flush_to_api() -> None:
+    """Send the logs and events Prefect still holds in memory while the server is up (Prefect itself sends them
+    at interpreter exit, by which time our server is gone: "Error logging to API")."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=5)
+
+
+@contextmanager
+def _api_url(url: str) -> Iterator[None]:
+    # Prefect reads the environment once at import; children (process pools, Dask workers) read it again.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def main(argv: list[str]) -> int:
+    """Run a command with a shared server (started in the background: stages wait for it), then stop it."""
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        sys.exit("usage: python -m tasks.prefect_server COMMAND [ARGS...]   e.g. dvc repro")
+    if configured_api_url():
+        return subprocess.call(argv)
+    if (db := _local_database()) and not _database_ok(db):  # fail in one line, not stages waiting on a dead server
+        from tasks.common import PipelineError, check_prefect_db
+
+        try:
+            check_prefect_db(db)
+        except PipelineError as e:
+            sys.exit(f"error: {e}")
+    log = tempfile.NamedTemporaryFile(prefix="papertune-prefect-server-", suffix=".log", delete=False)
+    server = start_server(log=log.name)
+    child = subprocess.Popen(argv, env={**os.environ, "PREFECT_API_URL": server.url})
+    # Ctrl-C reaches the whole foreground group; a SIGTERM sent to us alone is passed on to the command.
+    signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+
+    def watch() -> None:  # a server that dies (a corrupt database, a full disk) stops the command with one line
+        if server.process.wait() != 0 and child.poll() is None and not stopping:
+            print(f"error: the local Prefect server exited with code {server.process.returncode} "
+                  f"(its log: {log.name}; a corrupt .prefect/prefect.db can be deleted: it holds only run history)",
+                  file=sys.stderr)
+            child.terminate()
+
+    stopping = False
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        code = child.wait()
+    stopping = True
+    stop_server(server, grace=0.5)  # SQLite survives a kill; a no-op `dvc repro` should not wait on uvicorn
+    if code == 0:
+        Path(log.name).unlink(missing_ok=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,387 @@
+"""The fault suite: stale caches, lost outputs, unclear errors and stray processes (issue 11), each reproduced
+and checked for the fixed behaviour: what is kept, the one-line message, what process remains."""
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prefect import flow, task
+
+from tasks import common
+from tasks.common import (CACHE, PipelineError, atomic_dir, atomic_write, check_prefect_db, dvc_code_deps,
+                          module_files, project_lock, project_modules, read_jsonl, shown, source_hash)
+from tasks.params import load_params
+from tests.conftest import ROOT, make_params, write_params
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+
+# ---------------------------------------------------------------------------------------------- one cache rule
+
+
+def test_code_hash_follows_every_project_import(tmp_path):
+    pkg = tmp_path / "tasks"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "stage.py").write_text("import json\n\ndef run():\n    from tasks.helper import f  # lazy\n    return f()\n")
+    (pkg / "helper.py").write_text("from . import deep\n\ndef f():\n    return deep.x\n")
+    (pkg / "deep.py").write_text("x = 1\n")
+    (pkg / "other.py").write_text("y = 2\n")
+    assert project_modules("tasks.stage", tmp_path) == ["tasks", "tasks.deep", "tasks.helper", "tasks.stage"]
+
+    before = source_hash("tasks.stage", tmp_path)
+    (pkg / "other.py").write_text("y = 3\n")  # not imported: same key
+    assert source_hash("tasks.stage", tmp_path) == before
+    (pkg / "deep.py").write_text("x = 2\n")  # imported two levels down, through a lazy and a relative import
+    assert source_hash("tasks.stage", tmp_path) != before
+
+    # The cases of the issue: qa uses chunk's sentence splitter; evaluate builds prompts with the adapter module.
+    assert "tasks/chunk.py" in module_files("tasks.qa")
+    assert {"tasks/adapter.py", "tasks/base_model.py"} <= set(module_files("tasks.evaluate"))
+    assert "tasks/params.py" in module_files("tasks.base_model") and "tasks/common.py" in module_files("tasks.split")
+
+
+@task(**CACHE)
+def _double(x: int) -> int:
+    return 2 * x
+
+
+def test_prefect_cache_key_includes_the_imported_code(fresh_cache, monkeypatch):
+    @flow
+    def twice() -> list[str]:
+        return [_double(21, return_state=True).name for _ in range(2)]
+
+    assert twice() == ["Completed", "Cached"]
+    assert twice() == ["Cached", "Cached"]
+    # Any edit to a module the task's module imports changes code_hash, hence the key.
+    monkeypatch.setattr(common, "code_hash", lambda name: "edited " + name)
+    assert twice() == ["Completed", "Cached"]
+
+    # Run as `python -m tasks.chunk`, a stage's tasks live in __main__: the key still uses the stage's module.
+    from tasks import chunk
+
+    tasks_in_chunk = [v for v in vars(chunk).values() if hasattr(v, "fn") and hasattr(v, "cache_policy")]
+    assert tasks_in_chunk and {common._module_name(t.fn) for t in tasks_in_chunk} == {"tasks.chunk"}
+
+
+def _build_base(p, seed: int):
+    from tasks import base_model
+
+    base_model.run(p.model.model_copy(update={"tiny": p.model.tiny.model_copy(update={"seed": seed})}), p.paths)
+
+
+def test_training_key_covers_base_model_content_and_code(tmp_path, monkeypatch):
+    from tasks.adapter import META
+    from tasks.train import run_key, skip_reason
+
+    p = make_params(tmp_path, train={"min_changed_fraction": 1.0})  # data-wise, any change would be skipped
+    _build_base(p, seed=0)
+    common.write_json(p.paths.split_report, {"train_hash": "t", "eval_hash": "e"})
+    key = run_key(p.train, p.paths)
+    common.write_json(p.paths.adapter / META, {
+        "run_key": key["key"], "base_model": key["base_model"], "train_params": p.train.model_dump(mode="json"),
+        "code_hash": key["code_hash"], "train_pair_ids": ["a", "b"]})
+    assert skip_reason(p.train, p.paths, key, ["a", "b"]).startswith("QA dataset and training params unchanged")
+
+    _build_base(p, seed=1)  # same name, revision and tokenizer: other weights
+    rebuilt = run_key(p.train, p.paths)
+    assert rebuilt["key"] != key["key"] and skip_reason(p.train, p.paths, rebuilt, ["a", "b"]) is None
+
+    _build_base(p, seed=0)
+    assert run_key(p.train, p.paths) == key
+    monkeypatch.setattr("tasks.train.code_hash", lambda name: "tasks/train.py edited")
+    edited = run_key(p.train, p.paths)
+    assert edited["key"] != key["key"] and skip_reason(p.train, p.paths, edited, ["a", "b"]) is None
+
+
+def test_dvc_yaml_declares_exactly_the_code_each_stage_imports():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, code in dvc_code_deps().items():
+        declared = {d for d in stages[name]["deps"] if d.endswith(".py")}
+        assert declared == set(code), f"dvc.yaml stage {name}: print the right list with python -m tasks.common --dvc-deps"
+        assert "tasks/params.py" in declared
+        if name != "params":
+            assert "${paths.params_check}" in stages[name]["deps"], name  # a bad params file stops DVC first
+            outs = [o for kind in ("outs", "metrics", "plots") for o in stages[name].get(kind, [])]
+            # DVC deletes outputs before running a stage unless they persist; stages replace them on success.
+            assert all(isinstance(o, dict) and next(iter(o.values())).get("persist") for o in outs), name
+    assert "params.yaml" in stages["params"]["deps"]
+    assert "${paths.base_model}" in stages["evaluate"]["deps"]  # a rebuilt base model re-runs evaluation
+
+
+# ---------------------------------------------------------------------------------------------- keep good outputs
+
+
+def dvc_project(tmp_path: Path, params_text: str) -> Path:
+    """This project's code, dvc.yaml and params in a fresh git + DVC repository."""
+    work = tmp_path / "project"
+    for folder in ("tasks", "flows"):
+        shutil.copytree(ROOT / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", work)
+    (work / "params.yaml").write_text(params_text)
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
+        subprocess.run(cmd, cwd=work, check=True, env=ENV)
+    return work
+
+
+def test_bad_params_stop_dvc_repro_before_any_output_is_removed(tmp_path):
+    assert "\n  learning_rate:" in (ROOT / "params.yaml").read_text()
+    work = dvc_project(tmp_path, (ROOT / "params.yaml").read_text().replace("  learning_rate:", "  learnig_rate:"))
+    kept = {"data/adapter/adapter_model.safetensors": "weights", "metrics/train.json": '{"train_loss": 1.0}',
+            "metrics/loss.csv": "step,train_loss,eval_loss\n", "data/qa.jsonl": '{"question": "q"}\n'}
+    for rel, text in kept.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text(text)
+    r = subprocess.run([str(BIN / "dvc"), "repro"], cwd=work, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "error: params.yaml: train: unknown key 'learnig_rate' (did you mean learning_rate?)" in r.stderr
+    assert "Running stage 'params'" in r.stdout and r.stdout.count("Running stage") == 1, r.stdout
+    assert {rel: (work / rel).read_text() for rel in kept} == kept
+
+
+@pytest.mark.slow  # a real stage run under DVC (imports, Prefect)
+def test_failed_stage_rerun_keeps_its_outputs(tmp_path):
+    work = dvc_project(tmp_path, (ROOT / "params.yaml").read_text())
+    subprocess.run([str(BIN / "dvc"), "repro", "params"], cwd=work, env=ENV, check=True, capture_output=True)
+    (work / "data" / "split").mkdir(parents=True)
+    kept = {"data/split/train.jsonl": '{"q": "kept"}\n', "data/split/eval.jsonl": '{"q": "kept"}\n',
+            "data/reports/split.json": '{"kept": true}\n'}
+    for rel, text in kept.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text(text)
+    (work / "data" / "chunks.jsonl").write_text('{"chunk_id": "c", "text": "t"}\n')
+    (work / "data" / "qa.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": "cut off\n')
+    env = {**ENV, "PREFECT_HOME": str(tmp_path / "prefect")}
+    r = subprocess.run([str(BIN / "dvc"), "repro", "--single-item", "split"], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    error = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert error == ["error: split: data/qa.jsonl:2: not valid JSON (Unterminated string starting at column 14); "
+                     "fix or delete that line, or rerun the stage that writes the file"], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert {rel: (work / rel).read_text() for rel in kept} == kept
+
+
+def test_writes_are_atomic_with_normal_permissions(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write(tmp_path / "out" / "report.json", "{}")
+    assert (tmp_path / "out" / "report.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    with atomic_dir(tmp_path / "adapter") as staging:
+        (staging / "w").write_text("x")
+        os.chmod(staging / "w", 0o600)  # as safetensors writes adapter_model.safetensors
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "adapter" / "w").stat().st_mode & 0o777 == 0o666 & ~umask
+    # No staging file or folder is left beside the outputs.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"]
+
+
+def test_unwritable_output_names_the_path(tmp_path):
+    (tmp_path / "metrics").write_text("a file where a folder should be")
+    with pytest.raises(PipelineError, match=r"cannot write .*metrics/train.json: .*point paths"):
+        atomic_write(tmp_path / "metrics" / "train.json", "{}")
+    with pytest.raises(PipelineError, match=r"cannot write .*metrics/adapter"):
+        with atomic_dir(tmp_path / "metrics" / "adapter"):
+            pass
+    if os.geteuid() != 0:  # root writes through permissions
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(PipelineError, match=r"cannot write .*ro/x.json: Permission denied"):
+            atomic_write(ro / "x.json", "{}")
+
+
+# ---------------------------------------------------------------------------------------------- one-line errors
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "chunks.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2\n')
+    with pytest.raises(PipelineError, match=rf"^{path}:3: not valid JSON .*fix or delete that line"):
+        read_jsonl(path)
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(PipelineError, match=rf"^{path}:2: expected a JSON object, got list"):
+        read_jsonl(path)
+    path.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
+    with pytest.raises(PipelineError, match=rf"^{path}:2: not UTF-8 text"):
+        read_jsonl(path)
+    path.write_text('{"a": 1}\n\n{"b": "\\u00e9"}\n')
+    assert read_jsonl(path) == [{"a": 1}, {"b": "é"}]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("  learning_rate:", "  learnig_rate:"), "train: unknown key 'learnig_rate' (did you mean learning_rate?)"),
+        (("train:", "trian:"), "unknown key 'trian' (did you mean train?)"),
+        (("  max_steps:", "  max_stesp: 3\n  max_steps:"), "train: unknown key 'max_stesp' (did you mean max_steps?)"),
+        (("  seed: 7\n", ""), "split.seed: missing key"),
+        (("  learning_rate:", "  learnig_rate:", "  seed: 7\n", ""), "train: unknown key 'learnig_rate' (did you mean learning_rate?) (and 1 more)"),
+    ],
+)
+def test_params_typo_says_unknown_key_first(tmp_path, edit, message):
+    text = (ROOT / "params.yaml").read_text()
+    for old, new in zip(edit[::2], edit[1::2]):
+        assert old in text
+        text = text.replace(old, new, 1)
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(SystemExit) as e:
+        load_params(tmp_path / "params.yaml")
+    assert str(e.value) == f"error: {tmp_path / 'params.yaml'}: {message}"
+
+
+def _corrupt_dbs(tmp_path: Path) -> dict[str, Path]:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 500)
+    truncated = tmp_path / "truncated.db"
+    with sqlite3.connect(truncated) as con:
+        con.execute("create table runs (id integer primary key, body text)")
+        con.executemany("insert into runs (body) values (?)", [("x" * 500,)] * 2000)
+    con.close()
+    with open(truncated, "r+b") as f:
+        f.truncate(truncated.stat().st_size // 2)
+    return {"file is not a database": garbage, "malformed": truncated}
+
+
+def test_corrupt_prefect_db_is_one_line(tmp_path, monkeypatch):
+    healthy = tmp_path / "healthy.db"
+    sqlite3.connect(healthy).execute("create table t (x)").connection.close()
+    check_prefect_db(healthy)
+    for why, db in _corrupt_dbs(tmp_path).items():
+        with pytest.raises(PipelineError, match=rf"{db} is corrupt \(.*{why}.*\).*delete it \(rm {db}\*\)"):
+            check_prefect_db(db)
+
+    # A stage run alone stops in a second, in one line, before Prefect starts a server on that database.
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL, temporary_settings
+
+    from tasks import split
+
+    params = write_params(make_params(tmp_path), tmp_path / "params.yaml")
+    monkeypatch.setattr(sys, "argv", ["split", "--params", str(params)])
+    db = tmp_path / "garbage.db"
+    with temporary_settings({PREFECT_API_URL: None,
+                             PREFECT_API_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"}):
+        start = time.monotonic()
+        with pytest.raises(SystemExit) as e:
+            common.run_stage(split.run, "split")
+    assert time.monotonic() - start < 10
+    assert str(e.value).startswith(f"error: split: {db} is corrupt") and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def _hold_lock(path: Path) -> subprocess.Popen:
+    code = ("import sys, time\nfrom tasks.common import project_lock\n"
+            f"with project_lock({str(path)!r}):\n    print('locked', flush=True)\n    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_one_pipeline_per_project(tmp_path, monkeypatch):
+    from flows.pipeline import pipeline
+    from tasks import split
+
+    p = make_params(tmp_path)
+    params = write_params(p, tmp_path / "params.yaml")
+    holder = _hold_lock(p.paths.lock)
+    try:
+        busy = rf"another papertune run \(pid {holder.pid}\) is using this project .*kill {holder.pid}"
+        with pytest.raises(PipelineError, match=busy):
+            with project_lock(p.paths.lock):
+                pass
+        # A stage run alone: one line, before any work.
+        monkeypatch.setattr(sys, "argv", ["split", "--params", str(params)])
+        with pytest.raises(SystemExit, match=f"^error: split: {busy}"):
+            common.run_stage(split.run, "split")
+        # The flow (as a deployment runs it): fails before its first stage.
+        with pytest.raises(PipelineError, match=busy):
+            pipeline(str(params))
+        assert not p.paths.documents.exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock, nothing to clean up
+        holder.wait()
+    with project_lock(p.paths.lock):
+        assert p.paths.lock.read_text().strip() == str(os.getpid())
+        with project_lock(p.paths.lock):  # a stage inside the flow shares its lock
+            pass
+        # A process the holder starts (a stage under a locked `make run`) inherits the lock.
+        code = f"from tasks.common import project_lock\nwith project_lock({str(p.paths.lock)!r}):\n    print('in')"
+        child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert child.stdout.strip() == "in", child.stderr
+    assert p.paths.lock.read_text() == ""  # released: no stale pid left behind
+
+
+def _group_alive(pgid: int) -> list[str]:
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(stat.parent.name)
+    return alive
+
+
+@pytest.mark.slow  # starts a Prefect server
+def test_serve_schedules_runs_and_leaves_nothing_behind(tmp_path):
+    # The deployment from prefect.yaml, its cron swapped for a 5 s interval so that a run fires during the test;
+    # the folder has no params.yaml, so each run stops at once instead of running the pipeline.
+    shutil.copy(ROOT / "prefect.yaml", tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PYTHONPATH=str(ROOT))
+    serve = subprocess.Popen([sys.executable, "-c", "from flows.serve import serve; serve(interval_s=5)"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        first = serve.stdout.readline()
+        assert "serving deployment 'nightly' (every 5 s) on the Prefect API http://127.0.0.1:" in first, first
+        api = first.split("Prefect API ")[1].split(";")[0]
+        deadline, states = time.time() + 150, set()
+        while time.time() < deadline and not states & {"COMPLETED", "FAILED", "CRASHED"}:
+            runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_ASC", "limit": 20}).json()
+            states = {r["state_type"] for r in runs if r["deployment_id"]}
+            time.sleep(2)
+        # Scheduled runs appear, and one fired: it failed (no params.yaml in that folder) with the one-line reason.
+        assert "SCHEDULED" in states and "FAILED" in states, states
+        failed = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["FAILED"]}}}})
+        assert "params.yaml: no such params file" in failed.json()[0]["state"]["message"]
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=30)
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+    time.sleep(1)
+    assert _group_alive(serve.pid) == []  # no server, no flow-run process left
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{api}/health", timeout=2)
+
+
+# ---------------------------------------------------------------------------------------------- inputs are data
+
+
+def test_log_lines_escape_control_characters(caplog):
+    name = "paper\n12:00:00.000 | INFO | forged line \x1b[31mred\x1b[0m.pdf"
+    assert shown(name) == "paper\\n12:00:00.000 | INFO | forged line \\x1b[31mred\\x1b[0m.pdf"
+    assert shown("Éléments — “quoted”") == "Éléments — “quoted”"  # printable text is left alone
+    common.logger().warning("ingest: skipped %s", name)
+    message = caplog.records[-1].getMessage()
+    assert message == f"ingest: skipped {shown(name)}" and "\n" not in message and "\x1b" not in message
+    # The same filter guards the loggers of flow and task runs (console and the Prefect API alike).
+    import logging
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        assert any(isinstance(f, common._EscapeControlChars) for f in logging.getLogger(name).filters)
