@@ -30,7 +30,6 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
-from prefect.utilities.annotations import quote
 from tqdm.auto import tqdm
 
 from tasks.params import Params, RunnerParams, params_arg
@@ -347,7 +346,7 @@ def map_cached_iter(task, items: Iterable, *args, desc: str, star: bool = False)
         futures = {}
         for start in range(0, len(missing), size):
             part = missing[start:start + size]
-            fut = batch_task.submit(task.fn, quote([window[i] for i in part]), quote(args), star,
+            fut = batch_task.submit(task.fn, [window[i] for i in part], args, star,
                                     [str(store / f"{keys[i]}.json") if store else None for i in part])
             futures[fut] = part
         return window, keys, futures
