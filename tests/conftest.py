@@ -19,6 +19,16 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
     MLFLOW_TRACKING_URI=f"sqlite:///{_SESSION_TMP / 'mlflow.db'}",
 )
+os.environ.pop("PREFECT_API_URL", None)
+
+# One Prefect server for the whole session, on 127.0.0.1 at a free port (tasks.prefect_server: killed by its pid at
+# the end, and by the kernel if pytest dies). Every flow the tests run, here or in a subprocess, uses it through
+# PREFECT_API_URL: a temporary server per process costs 6 s, and 22 s on a new database (Prefect's migrations).
+# It starts now, in the background, while pytest collects; tests that need their own server say so.
+from tasks.prefect_server import start_server, stop_server, wait_ready  # noqa: E402  (imports no Prefect)
+
+_SERVER = start_server(log=_SESSION_TMP / "prefect-server.log")
+os.environ["PREFECT_API_URL"] = _SERVER.url
 
 import pytest  # noqa: E402
 from prefect import flow  # noqa: E402
@@ -43,6 +53,27 @@ def make_params(tmp: Path, pdf_dir: Path = SAMPLE_PDFS, **sections: dict) -> Par
     for section, fields in sections.items():
         raw[section] = {**raw[section], **fields}
     return Params.model_validate(raw)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server() -> str:
+    """The session's Prefect API, once it answers (its database is migrated by then)."""
+    wait_ready(_SERVER.url, 120, _SERVER.process)
+    return _SERVER.url
+
+
+def prefect_home(home: Path) -> Path:
+    """A Prefect home for a test's own server, holding a copy of the session's migrated database: a server on a
+    new database spends 16 s migrating it."""
+    import sqlite3
+
+    wait_ready(_SERVER.url, 120, _SERVER.process)
+    home.mkdir(parents=True, exist_ok=True)
+    src, dst = sqlite3.connect(_SESSION_TMP / "prefect" / "prefect.db"), sqlite3.connect(home / "prefect.db")
+    src.backup(dst)  # a consistent copy while the session server writes
+    src.close()
+    dst.close()
+    return home
 
 
 @pytest.fixture
@@ -130,6 +161,7 @@ def stop(proc) -> None:
 
 
 def pytest_unconfigure(config):
+    stop_server(_SERVER)
     # Prefect stops its temporary server at interpreter exit and logs it to a stream pytest has closed by then.
     import logging
 

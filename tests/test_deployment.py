@@ -9,7 +9,8 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ROOT, SAMPLE_PDFS, free_port, make_params, start, stop, wait_http, write_params
+from tests.conftest import (ROOT, SAMPLE_PDFS, free_port, make_params, prefect_home, start, stop, wait_http,
+                            write_params)
 
 BIN = os.path.dirname(sys.executable)
 
@@ -41,7 +42,8 @@ def test_scheduled_deployment_runs_incrementally(tmp_path):
     base_env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PATH=f"{BIN}:{os.environ['PATH']}")
     server = start([f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                    tmp_path / "server.log", cwd=tmp_path,
-                   env={**base_env, "PREFECT_HOME": str(tmp_path / "server-home"), "PREFECT_UI_ENABLED": "false"})
+                   env={**base_env, "PREFECT_HOME": str(prefect_home(tmp_path / "server-home")),
+                        "PREFECT_UI_ENABLED": "false"})
     worker = None
     try:
         wait_http(f"{api}/health", 90, server)

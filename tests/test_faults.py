@@ -20,7 +20,7 @@ from tasks import common
 from tasks.common import (CACHE, PipelineError, atomic_dir, atomic_write, check_prefect_db, dvc_code_deps,
                           module_files, project_lock, project_modules, read_jsonl, shown, source_hash)
 from tasks.params import load_params
-from tests.conftest import ROOT, make_params, write_params
+from tests.conftest import ROOT, make_params, prefect_home, write_params
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
@@ -340,7 +340,7 @@ def test_serve_schedules_runs_and_leaves_nothing_behind(tmp_path):
     # the folder has no params.yaml, so each run stops at once instead of running the pipeline.
     shutil.copy(ROOT / "prefect.yaml", tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    env.update(PREFECT_HOME=str(prefect_home(tmp_path / "prefect")), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PYTHONPATH=str(ROOT))
     serve = subprocess.Popen([sys.executable, "-c", "from flows.serve import serve; serve(interval_s=5)"],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -509,9 +509,8 @@ def test_cli(tmp_path):
     raw["paths"] = {k: str(tmp_path / v) for k, v in raw["paths"].items()}
     raw["paths"]["pdf_dir"] = str(tmp_path / "pdfs")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    # A Prefect home of its own: the test session's temporary server must not share its database.
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect" / "results")}
+    # A result cache of its own, so the two PDFs are really extracted (the Prefect server is the session's).
+    env = {**os.environ, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect" / "results")}
     cmd = [sys.executable, "-m", "tasks.ingest", "--params", str(tmp_path / "params.yaml")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

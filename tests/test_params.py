@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tasks.common import stage_sections
-from tasks.params import Params, load_params
+from tasks.params import Params, ParamsError, load_params
 from tests.conftest import ROOT
 
 
@@ -78,8 +78,14 @@ def test_bad_params_stop_with_one_line(tmp_path, edit, expected):
     text, edits = re.subn(edit[0], edit[1], (ROOT / "params.yaml").read_text(), count=1)
     assert edits == 1, edit  # else the params are valid, and the whole pipeline would run
     bad.write_text(text)
+    with pytest.raises(ParamsError) as e:
+        load_params(bad)
+    assert str(e.value).startswith(f"error: {bad}: ") and expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_pipeline_cli_stops_on_bad_params_in_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text((ROOT / "params.yaml").read_text().replace("  seed: 7", "  seed: 7\n  sed: 3", 1))
     result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", str(bad)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(bad) in lines[0] and expected in lines[0], result.stderr
+    assert result.returncode == 1 and result.stderr == f"error: {bad}: split: unknown key 'sed' (did you mean seed?)\n"
