@@ -16,7 +16,6 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from tasks.common import PipelineError, read_json
@@ -83,21 +82,23 @@ def next_question(prompt_template: str) -> str | None:
     return f"\n{head}" if head else None
 
 
-@torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
              progress: bool = False) -> list[str]:
     """Greedy answers, batched with left padding; each stops at EOS (the end of every trained answer) or at the
     model's stop strings (the prompt template's next question), which are cut off."""
-    limit = getattr(model.config, "max_position_embeddings", 2048) - max_new_tokens
-    stops = getattr(model.generation_config, "stop_strings", None) or []
+    import torch  # here, not at the top: importing tasks.adapter stays cheap (train's prompts)
+
     answers: list[str] = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
-        batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        batch = {k: v[:, -limit:].to(model.device) for k, v in batch.items()}  # keep each prompt's end
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, tokenizer=tokenizer,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = out[:, batch["input_ids"].shape[1]:]
-        answers += [_cut(a, stops).strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    with torch.inference_mode():
+        limit = getattr(model.config, "max_position_embeddings", 2048) - max_new_tokens
+        stops = getattr(model.generation_config, "stop_strings", None) or []
+        for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
+            batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = {k: v[:, -limit:].to(model.device) for k, v in batch.items()}  # keep each prompt's end
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, tokenizer=tokenizer,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = out[:, batch["input_ids"].shape[1]:]
+            answers += [_cut(a, stops).strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return answers
 
 

@@ -18,11 +18,11 @@ import io
 import json
 import string
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from prefect import task
-from rouge_score import rouge_scorer
 
 from tasks.adapter import adapter_meta, build_prompt, generate, load_finetuned
 from tasks.base_model import describe
@@ -64,7 +64,11 @@ def answer_batch(questions: list[str], adapter_hash: str, base_hash: str, max_ne
 
 # ---------------------------------------------------------------------------------------------- scores
 
-_scorer = rouge_scorer.RougeScorer(METRICS, use_stemmer=True)
+@lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer  # 1.2 s (nltk): imported when answers are scored, not with the stage
+
+    return rouge_scorer.RougeScorer(METRICS, use_stemmer=True)
 
 
 def normalise_answer(text: str) -> str:
@@ -94,7 +98,7 @@ def ci95(values: np.ndarray, samples: int, seed: int) -> list[float]:
 
 def per_answer(prediction: str, reference: str) -> dict[str, float]:
     """Every score of one answer against its reference."""
-    rouge = _scorer.score(reference, prediction)
+    rouge = _scorer().score(reference, prediction)
     return {**{m: rouge[m].fmeasure for m in METRICS}, "f1": token_f1(prediction, reference),
             "exact_match": float(normalise_answer(prediction) == normalise_answer(reference))}
 

@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
 import yaml
 from prefect import task
 
@@ -36,13 +35,13 @@ from tasks.base_model import describe, load_model, load_tokenizer
 from tasks.chunk import split_sentences
 from tasks.common import (PipelineError, atomic_dir, atomic_write, code_hash, content_hash, dir_hash, logger,
                           read_json, read_jsonl, run_stage, write_json)
-from tasks.loss import frozen_embeddings_to, selective_loss, with_loss_positions
-from tasks.mlflow_model import log_adapter_model
 from tasks.params import MLflowParams, Params, Paths, TrainParams, flatten
 from tasks.tracking import ADAPTER_HASH, find_training_run, log_dataset, register, start_run
 
-# peft, datasets and transformers' Trainer are imported inside the functions that use them: a skipped or cached
-# training never pays their import time. train_adapter runs in the flow's main thread (no lazy-import race).
+# torch, peft, datasets, transformers' Trainer, tasks.loss and the MLflow model flavour are imported inside the
+# functions that use them: a skipped or cached training never pays their import time (flows.pipeline imports
+# every stage; torch and mlflow.pyfunc alone take 2-3 s). train_adapter runs in the flow's main thread (no
+# lazy-import race).
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -142,7 +141,10 @@ def setup_data(cfg: TrainParams, paths: Paths):
 
 
 def lora_model(base_dir: Path, cfg: TrainParams):
+    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from tasks.loss import frozen_embeddings_to
 
     model = load_model(base_dir, cfg.quantization, cfg.compute_dtype)
     # No KV cache while training: with one, transformers skips the packed-sequence mask, and the eval loss on a
@@ -282,6 +284,8 @@ def log_training(mlflow_cfg: MLflowParams, paths: Paths, record: dict, key: dict
         adapter_hash = dir_hash(paths.adapter)
         mlflow.set_tag(ADAPTER_HASH, adapter_hash)  # how evaluate finds this run: no run id in DVC outputs
         setup = {k: v for k, v in record["params"].items() if k.split(".")[0] in ("model", "train")}
+        from tasks.mlflow_model import log_adapter_model
+
         model = log_adapter_model(mlflow, paths.adapter, paths.base_model, mlflow_cfg.model_max_new_tokens, setup)
         # Throughput goes to MLflow only: DVC metrics stay identical when a run is reproduced.
         mlflow.log_metrics(log.done, model_id=model.model_id)
@@ -347,7 +351,10 @@ def skip_reason(cfg: TrainParams, paths: Paths, key: dict, train_ids: list[str])
 @task(name="train")
 def train_adapter(cfg: TrainParams, mlflow_cfg: MLflowParams, paths: Paths, record: dict, key: dict) -> dict:
     """The recipe: data → checkpoints → model → train → save → metrics, recorded by log_training."""
+    import torch
     from transformers import Trainer
+
+    from tasks.loss import selective_loss, with_loss_positions
 
     torch.manual_seed(cfg.seed)
     tokenizer, train_ds, eval_ds, read, counts = setup_data(cfg, paths)
