@@ -1,6 +1,7 @@
 """Shared fixtures. Every test runs offline, with its own Prefect home and result cache under a temp folder."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -55,24 +56,28 @@ def make_params(tmp: Path, pdf_dir: Path = SAMPLE_PDFS, **sections: dict) -> Par
     return Params.model_validate(raw)
 
 
+_EMPTY_DB = _SESSION_TMP / "prefect-migrated-empty.db"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server() -> str:
-    """The session's Prefect API, once it answers (its database is migrated by then)."""
+    """The session's Prefect API, once it answers. Its database is migrated by then and holds no runs yet: a copy
+    is kept for tests that need a server of their own (prefect_home)."""
+    import sqlite3
+
     wait_ready(_SERVER.url, 120, _SERVER.process)
+    src, dst = sqlite3.connect(_SESSION_TMP / "prefect" / "prefect.db"), sqlite3.connect(_EMPTY_DB)
+    src.backup(dst)  # a consistent copy while the server writes
+    src.close()
+    dst.close()
     return _SERVER.url
 
 
 def prefect_home(home: Path) -> Path:
-    """A Prefect home for a test's own server, holding a copy of the session's migrated database: a server on a
-    new database spends 16 s migrating it."""
-    import sqlite3
-
-    wait_ready(_SERVER.url, 120, _SERVER.process)
+    """A Prefect home for a test's own server, with a migrated database holding nothing (a server on a new
+    database spends 16 s migrating it; the session server's database holds other tests' runs)."""
     home.mkdir(parents=True, exist_ok=True)
-    src, dst = sqlite3.connect(_SESSION_TMP / "prefect" / "prefect.db"), sqlite3.connect(home / "prefect.db")
-    src.backup(dst)  # a consistent copy while the session server writes
-    src.close()
-    dst.close()
+    shutil.copy(_EMPTY_DB, home / "prefect.db")
     return home
 
 

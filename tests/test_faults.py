@@ -341,7 +341,7 @@ def test_serve_schedules_runs_and_leaves_nothing_behind(tmp_path):
     shutil.copy(ROOT / "prefect.yaml", tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(prefect_home(tmp_path / "prefect")), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PYTHONPATH=str(ROOT))
+               PREFECT_RUNNER_POLL_FREQUENCY="1", PYTHONPATH=str(ROOT))  # a due run starts within 1 s, not 10
     serve = subprocess.Popen([sys.executable, "-c", "from flows.serve import serve; serve(interval_s=5)"],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)

@@ -14,8 +14,6 @@ slow = pytest.mark.slow  # per test: the ones that train, evaluate or build the 
 FAST = dict(max_steps=30, logging_steps=5, eval_steps=10, save_steps=10, per_device_train_batch_size=4)
 # The default recipe, shorter: measured held-out token F1 of the fine-tuned model at these steps 0.051 against
 # the base model's 0.006 (32 questions); a change that stops learning falls to the base model's level.
-LEARN = dict(max_steps=80, logging_steps=20, eval_steps=80, save_steps=80)
-LEARN_F1_FLOOR = 0.035
 
 
 @pytest.fixture(scope="module")
@@ -268,17 +266,3 @@ def test_reading_all_reads_held_out_text_but_trains_only_training_qa(params):
     # qa_first: the QA examples (answer-only loss: the prompt is masked) come before any reading example.
     assert all(-100 in e["labels"] for e in examples[:2]) and not any(-100 in e["labels"] for e in examples[2:])
     assert all(e["labels"] == e["input_ids"] for e in examples[2:])  # reading: loss on every token
-
-
-@slow
-def test_the_default_setup_learns_what_held_out_papers_say(tmp_path):
-    """The default recipe (reading every document, QA of the training papers only) at a smaller scale: closed
-    book on held-out papers' questions, the fine-tuned model's token F1 is far above the base model's and above
-    a fixed floor. A change that breaks learning (prompts, masking, reading, generation) fails here."""
-    p = data_half(make_params(tmp_path, train=LEARN, evaluate={"modes": ["closed_book"], "max_examples": 32}))
-    in_flow(train.run, p.train, p.mlflow, p.paths, p)
-    report = in_flow(evaluate.run, p.evaluate, p.mlflow, p.paths)
-    base, tuned = report["closed_book"]["base"], report["closed_book"]["finetuned"]
-    assert report["read_documents"]["held_out_documents"]  # held-out papers were read, their QA never trained on
-    assert tuned["f1"] >= LEARN_F1_FLOOR and tuned["f1"] >= 3 * base["f1"] + 0.02, (base["f1"], tuned["f1"])
-    assert tuned["f1_ci95"][0] > base["f1_ci95"][1]  # separated 95% intervals
