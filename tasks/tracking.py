@@ -25,6 +25,7 @@ import socket
 import sqlite3
 import subprocess
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -222,7 +223,10 @@ def log_dataset(mlflow, path: str | Path, name: str, context: str):
     for col in df.columns:
         if df[col].map(lambda v: isinstance(v, (dict, list))).any():
             df[col] = df[col].map(lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
-    dataset = mlflow.data.from_pandas(df, source=LocalArtifactDatasetSource(str(path.resolve())), name=name, digest=digest)
+    with warnings.catch_warnings():  # "Hint: Inferred schema contains integer column(s)": ours never miss values
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+        dataset = mlflow.data.from_pandas(df, source=LocalArtifactDatasetSource(str(path.resolve())), name=name,
+                                          digest=digest)
     mlflow.log_input(dataset, context=context, tags={"path": str(path), "dvc_md5": digest, "rows": str(len(df))})
     return dataset
 

@@ -1,5 +1,6 @@
 """Shared fixtures. Every test runs offline, with its own Prefect home and result cache under a temp folder."""
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -30,6 +31,9 @@ from tasks.prefect_server import start_server, stop_server, wait_ready  # noqa: 
 
 _SERVER = start_server(log=_SESSION_TMP / "prefect-server.log")
 os.environ["PREFECT_API_URL"] = _SERVER.url
+# Stopped at interpreter exit, after Prefect's log and event workers have sent what they hold (they drain in
+# threading's exit hooks, which run before atexit's): stopped earlier, they retry an absent server for a minute.
+atexit.register(stop_server, _SERVER)
 
 import pytest  # noqa: E402
 from prefect import flow  # noqa: E402
@@ -166,7 +170,6 @@ def stop(proc) -> None:
 
 
 def pytest_unconfigure(config):
-    stop_server(_SERVER)
     # Prefect stops its temporary server at interpreter exit and logs it to a stream pytest has closed by then.
     import logging
 
