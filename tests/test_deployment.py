@@ -33,7 +33,7 @@ def logs(api: str, run_id: str) -> str:
     return "\n".join(r["message"] for r in rows)
 
 
-@pytest.mark.slow  # a worker and three pipeline runs
+@pytest.mark.slow  # a worker and two pipeline runs
 def test_scheduled_deployment_runs_incrementally(tmp_path, prefect_server):
     api = prefect_server  # the session's server: it has the scheduler and the API a worker needs
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -89,9 +89,6 @@ def test_scheduled_deployment_runs_incrementally(tmp_path, prefect_server):
         assert "ingest: 1 computed, 4 from cache" in second and "chunk: 1 computed, 4 from cache" in second
         assert "train: skipped, only" in second and "< train.min_changed_fraction=0.5" in second
 
-        # And a run with nothing new recomputes nothing and skips training again.
-        third = logs(api, trigger()["id"])
-        assert "ingest: 0 computed, 5 from cache" in third and "train: skipped" in third
     finally:
         if worker is not None:
             stop(worker)
