@@ -30,6 +30,28 @@ def test_builtin_model_loads_with_from_pretrained_and_fits_bitsandbytes(data):
     assert len(tokenizer("low-rank adaptation")["input_ids"]) <= 5
 
 
+def test_the_builtin_model_is_built_once_and_rebuilt_when_damaged_or_changed(data, tmp_path, caplog):
+    """A flow run (scheduled or direct) does not rebuild an intact builtin model from the same params, corpus and
+    code; a damaged file or another model param rebuilds it, and the build is deterministic."""
+    out = tmp_path / "base_model"
+    shutil.copytree(data.paths.base_model, out)
+    paths = data.paths.model_copy(update={"base_model": out})
+    built = base_model.describe(out)
+    with caplog.at_level("INFO"):
+        assert in_flow(base_model.run, data.model, paths)["files_hash"] == built["files_hash"]
+        assert "unchanged (same params, tokenizer corpus and code)" in caplog.text
+        caplog.clear()
+        with open(out / "model.safetensors", "r+b") as f:  # one flipped byte in the weights
+            f.seek(-1, 2)
+            last = f.read(1)
+            f.seek(-1, 2)
+            f.write(bytes([last[0] ^ 1]))
+        assert in_flow(base_model.run, data.model, paths)["files_hash"] == built["files_hash"]  # rebuilt, same bytes
+        assert "unchanged" not in caplog.text
+        other = data.model.model_copy(update={"tiny": data.model.tiny.model_copy(update={"seed": 1})})
+        assert in_flow(base_model.run, other, paths)["files_hash"] != built["files_hash"]
+
+
 def test_tokenizer_does_not_depend_on_the_corpus_folder(data, tmp_path):
     """Adding PDFs never changes the tokenizer (so cached chunks stay valid): it trains on the fixed sources."""
     p = make_params(tmp_path, pdf_dir=tmp_path / "empty")

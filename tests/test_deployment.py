@@ -88,6 +88,7 @@ def test_scheduled_deployment_runs_incrementally(tmp_path, prefect_server):
         second = logs(api, trigger()["id"])
         assert "ingest: 1 computed, 4 from cache" in second and "chunk: 1 computed, 4 from cache" in second
         assert "train: skipped, only" in second and "< train.min_changed_fraction=0.5" in second
+        assert "base model: builtin:tiny-llama unchanged" in second  # not rebuilt by every scheduled run
 
     finally:
         if worker is not None:
