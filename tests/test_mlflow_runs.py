@@ -73,7 +73,7 @@ def test_splits_are_dataset_inputs_with_the_dvc_hash(trained):
     assert held_out.dataset.name == "heldout" and held_out.dataset.digest == tracking.md5_file(p.paths.eval_split)
 
 
-def test_the_adapter_is_a_registered_logged_model_that_answers(trained):
+def test_the_adapter_is_a_registered_logged_model_that_answers(trained, monkeypatch, capsys):
     import mlflow
 
     p, client, exp_id, train_run, *_ = trained
@@ -109,6 +109,13 @@ def test_the_adapter_is_a_registered_logged_model_that_answers(trained):
     assert ask.answer("What does LoRA freeze?", str(params_file)) == answers[0]
     assert ask.answer_with_model("What does LoRA freeze?", f"models:/{p.mlflow.registered_model}@champion",
                                  str(params_file)) == answers[0]
+    # The command line: `python -m flows.ask QUESTION --base` prints both models' answers side by side.
+    monkeypatch.setattr("sys.argv", ["ask", "What does LoRA freeze?", "--params", str(params_file), "--base"])
+    ask.main()
+    header, rule, *rows = capsys.readouterr().out.splitlines()
+    assert header.startswith("fine-tuned") and header.endswith("| base") and set(rule) == {"-", "+"}
+    left = " ".join(row[:60] for row in rows)  # the first column is 60 characters wide
+    assert left.split() == answers[0].split()  # the fine-tuned column is the adapter's answer
 
 
 def test_no_run_id_in_dvc_tracked_outputs(trained):

@@ -76,9 +76,6 @@ def test_ui_shows_training_and_evaluation_runs_with_data_model_and_decision(tmp_
         ids = json.dumps([r.info.run_id for r in compared])
         compare_url = f"{ui}/compare-runs?runs={ids}&experiments={json.dumps([compared[0].info.experiment_id])}"
         compare = page(compare_url.replace(" ", ""))
-        shot = tmp_path / "train-run.png"
-        subprocess.run([CHROMIUM, *FLAGS, *profile, f"--screenshot={shot}",
-                        f"{ui}/experiments/{exp_id}/runs/{train_run.info.run_id}"], capture_output=True, timeout=120)
     finally:
         stop(server)
 
@@ -99,4 +96,3 @@ def test_ui_shows_training_and_evaluation_runs_with_data_model_and_decision(tmp_
     assert "papertune lr=0.003" in compare and "papertune lr=0.0007" in compare
     assert "train.learning_rate" in compare and "0.003" in compare and "0.0007" in compare
     assert "closed_book.finetuned.rougeL" in compare and "0.213" in compare and "0.157" in compare
-    assert shot.exists() and shot.stat().st_size > 20_000
