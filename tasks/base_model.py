@@ -18,8 +18,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tasks.common import (PipelineError, atomic_dir, code_hash, content_hash, dir_hash, logger, run_stage, sha256_bytes,
-                          sha256_file, write_json)
+from tasks.common import (PipelineError, atomic_dir, code_hash, content_hash, dir_hash, logger, read_json, run_stage,
+                          sha256_bytes, write_json)
 from tasks.params import ModelParams, Paths
 
 BUILTIN = "builtin:tiny-llama"
@@ -84,20 +84,14 @@ def build_key(model: ModelParams, paths: Paths) -> str:
                          "code": code_hash("tasks.base_model")})
 
 
-def files_hash(folder: Path) -> str:
-    """Hash of the model's files (all but the descriptor, which records it)."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != DESCRIPTOR)
-    return content_hash({p.name: sha256_file(p) for p in files})
-
-
 def already_built(out: Path, key: str) -> dict | None:
     """The descriptor of the builtin model in `out` if it was built from the same key and its files are intact:
     a flow run (scheduled or direct) then skips 4-5 s of tokenizer training and initialisation."""
     try:
-        descriptor = json.loads((out / DESCRIPTOR).read_text())
+        descriptor = read_json(out / DESCRIPTOR)
     except (OSError, ValueError):
         return None
-    if descriptor.get("build_key") != key or descriptor.get("files_hash") != files_hash(out):
+    if descriptor.get("build_key") != key or descriptor.get("files_hash") != dir_hash(out, frozenset({DESCRIPTOR})):
         return None
     return descriptor
 
@@ -116,7 +110,7 @@ def run(model: ModelParams, paths: Paths) -> dict:
             build_tiny_llama(model, paths, staging)
             name_or_path, revision = None, None
             tokenizer = AutoTokenizer.from_pretrained(staging)
-            extra = {"build_key": key, "files_hash": files_hash(staging)}
+            extra = {"build_key": key, "files_hash": dir_hash(staging, frozenset({DESCRIPTOR}))}  # not yet written
         else:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(model.name, revision=model.revision)

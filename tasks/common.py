@@ -211,10 +211,11 @@ def content_hash(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode())
 
 
-def dir_hash(path: str | Path) -> str:
-    """Hash of every file's relative name and bytes under a folder."""
+def dir_hash(path: str | Path, exclude: frozenset[str] = frozenset()) -> str:
+    """Hash of every file's relative name and bytes under a folder (but the relative names in `exclude`)."""
     path = Path(path)
-    return content_hash({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
+    files = (p for p in sorted(path.rglob("*")) if p.is_file() and str(p.relative_to(path)) not in exclude)
+    return content_hash({str(p.relative_to(path)): sha256_file(p) for p in files})
 
 
 # ---------------------------------------------------------------------------------------------- Prefect caching

@@ -25,7 +25,7 @@ os.environ.pop("PREFECT_API_URL", None)
 
 # One Prefect server for the whole session, on 127.0.0.1 at a free port (tasks.prefect_server: killed by its pid at
 # the end, and by the kernel if pytest dies). Every flow the tests run, here or in a subprocess, uses it through
-# PREFECT_API_URL: a temporary server per process costs 6 s, and 22 s on a new database (Prefect's migrations).
+# PREFECT_API_URL: a temporary server per process costs 6 s, and 13-22 s on a new database (Prefect's migrations).
 # It starts now, in the background, while pytest collects; tests that need their own server say so.
 # Its database starts as a copy of a migrated, empty one kept per Prefect version in the user's cache: the next
 # session's server is ready in ~5 s instead of ~14 s (a fresh machine, like CI's, pays the migrations once).
@@ -100,7 +100,7 @@ def prefect_server() -> str:
 
 def prefect_home(home: Path) -> Path:
     """A Prefect home for a test's own server, with a migrated database holding nothing (a server on a new
-    database spends 16 s migrating it; the session server's database holds other tests' runs)."""
+    database spends 13-22 s migrating it; the session server's database holds other tests' runs)."""
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(_EMPTY_DB, home / "prefect.db")
     return home
