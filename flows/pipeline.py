@@ -28,7 +28,7 @@ def stages(p: Params) -> dict:
     split.run(p.split, p.paths)
     export.run(p.export, p.qa, p.paths)
     train.run(p.train, p.mlflow, p.paths, record=p)
-    return evaluate.run(p.evaluate, p.mlflow, p.paths)
+    return evaluate.run(p.evaluate, p.qa, p.mlflow, p.paths)
 
 
 @flow(name="papertune")

@@ -13,8 +13,8 @@ from tasks.params import params_arg
 READ = "read_documents"  # tasks.evaluate.READ (not imported: the report must not pay evaluate's imports)
 
 
-def _ci(r: dict, key: str) -> str:
-    return f"[{r[key + '_ci95'][0]:.3f}, {r[key + '_ci95'][1]:.3f}]"
+def _ci(r: dict, key: str, digits: int = 3) -> str:
+    return f"[{r[key + '_ci95'][0]:.{digits}f}, {r[key + '_ci95'][1]:.{digits}f}]"
 
 
 def blocks(report: dict) -> list[tuple[str, dict]]:
@@ -26,12 +26,17 @@ def blocks(report: dict) -> list[tuple[str, dict]]:
 
 
 def table(report: dict) -> str:
-    rows = [f"{'eval':<24}{'model':<11}{'ROUGE-L':>9}{'95% CI':>17}{'F1':>8}{'95% CI':>17}{'EM':>7}{'n':>6}"]
+    """ROUGE-L and token F1 with their CIs, exact match, and the judge's mean rating (1-5) when evaluate.judge ran."""
+    judged = any("judge" in res[m] for _, res in blocks(report) for m in ("base", "finetuned"))
+    rows = [f"{'eval':<24}{'model':<11}{'ROUGE-L':>9}{'95% CI':>17}{'F1':>8}{'95% CI':>17}{'EM':>7}{'n':>6}"
+            + (f"{'judge':>7}{'95% CI':>15}" if judged else "")]
     for name, res in blocks(report):
         for model in ("base", "finetuned"):
             r = res[model]
             rows.append(f"{name:<24}{model:<11}{r['rougeL']:>9.3f}{_ci(r, 'rougeL'):>17}{r['f1']:>8.3f}"
-                        f"{_ci(r, 'f1'):>17}{r['exact_match']:>7.3f}{r['n']:>6}")
+                        f"{_ci(r, 'f1'):>17}{r['exact_match']:>7.3f}{r['n']:>6}"
+                        + ((f"{r['judge']:>7.2f}{_ci(r, 'judge', 2):>15}" if "judge" in r else f"{'-':>7}{'':>15}")
+                           if judged else ""))
     return "\n".join(rows)
 
 

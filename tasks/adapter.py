@@ -33,10 +33,13 @@ def build_prompt(tokenizer, question: str, prompt_template: str, system_prompt: 
     return prompt_template.format(question=question)
 
 
-def reading_text(chunk: dict, reading_template: str) -> str:
-    """A passage as training reads it: under its paper's title and section (`train.reading_template`), so that a
-    question naming the paper can recall what was read there."""
-    return reading_template.format(title=chunk["title"], section=chunk["section"], text=chunk["text"])
+def reading_prompt(tokenizer, chunk: dict, reading_question: str, prompt_template: str, system_prompt: str) -> str:
+    """The prompt a passage is read under: `train.reading_question` about its paper's title and section, in the same
+    prompt format as every QA pair (tokenised apart from the passage, like a question from its answer). A model that
+    learned the passage as the answer to "what does <paper> say in <section>?" recalls it when asked about that paper
+    at evaluation, in the format it was trained and is asked in."""
+    question = reading_question.format(title=chunk["title"], section=chunk["section"])
+    return build_prompt(tokenizer, question, prompt_template, system_prompt)
 
 
 def adapter_meta(adapter_dir: str | Path) -> dict:

@@ -28,7 +28,8 @@ from tasks.adapter import adapter_meta, build_prompt, generate, load_finetuned
 from tasks.base_model import describe
 from tasks.common import (CACHE, PipelineError, atomic_write, dir_hash, logger, map_cached, read_jsonl, run_stage,
                           write_json, write_jsonl)
-from tasks.params import EvaluateParams, MLflowParams, Paths
+from tasks.params import EvaluateParams, MLflowParams, Paths, QAParams
+from tasks.teacher import complete, endpoint, strip_fence
 from tasks.tracking import (ADAPTER_HASH, champion, find_training_run, fmt, log_dataset, md5_file, model_id_of,
                             open_store, promote, score_tag, start_run, version_of)
 
@@ -119,13 +120,60 @@ def rouge(predictions: list[str], references: list[str], samples: int, seed: int
     return summarise([per_answer(p, r) for p, r in zip(predictions, references)], samples, seed)
 
 
-def by_kind(rows: list[dict], predictions: list[str]) -> dict:
-    """Mean ROUGE-L, token F1 and exact match per question kind ("definition", "section", ...; "other" if none)."""
+def by_kind(rows: list[dict], predictions: list[str], ratings: list[int | None] | None = None) -> dict:
+    """Mean ROUGE-L, token F1 and exact match (and the judge's mean rating, when there are ratings) per question
+    kind ("definition", "section", ...; "other" if none)."""
     groups: dict[str, list[dict]] = {}
-    for row, pred in zip(rows, predictions):
-        groups.setdefault(row.get("kind") or "other", []).append(per_answer(pred, row["answer"]))
-    return {kind: {"n": len(g), **{k: round(float(np.mean([r[k] for r in g])), 4) for k in CI_METRICS}}
-            for kind, g in sorted(groups.items())}
+    for i, (row, pred) in enumerate(zip(rows, predictions)):
+        groups.setdefault(row.get("kind") or "other", []).append(
+            {**per_answer(pred, row["answer"]), "judge": ratings[i] if ratings else None})
+    out = {}
+    for kind, g in sorted(groups.items()):
+        out[kind] = {"n": len(g), **{k: round(float(np.mean([r[k] for r in g])), 4) for k in CI_METRICS}}
+        if rated := [r["judge"] for r in g if r["judge"] is not None]:
+            out[kind]["judge"] = round(float(np.mean(rated)), 4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- judge
+
+
+def parse_rating(content: str) -> int | None:
+    """Strict: {"score": 1-5}, else None."""
+    try:
+        data = json.loads(strip_fence(content))
+    except json.JSONDecodeError:
+        return None
+    rating = data.get("score") if isinstance(data, dict) else None
+    return rating if type(rating) is int and 1 <= rating <= 5 else None
+
+
+def judge_answers(answered: list[dict], evaluate: EvaluateParams, qa: QAParams, paths: Paths) -> None:
+    """With `evaluate.judge.enabled`: the QA stage's judge endpoint rates every answer 1-5 against its reference
+    (`evaluate.judge.prompt_template`), stored per entry under "judge" ({"base": [...], "finetuned": [...]}, None
+    where the reply stayed malformed). Replies are cached like the QA stage's: a rerun asks nothing again."""
+    if not evaluate.judge.enabled:
+        return
+    judge, stats = endpoint(qa, "judge"), Counter()
+    for entry in answered:
+        entry["judge"] = {}
+        for model in ("base", "finetuned"):
+            prompts = [evaluate.judge.prompt_template.format(question=r["question"], reference=r["answer"], answer=a)
+                       for r, a in zip(entry["rows"], entry[model])]
+            replies = complete(judge, prompts, paths.qa_cache, valid=lambda r: parse_rating(r) is not None,
+                               stats=stats)
+            entry["judge"][model] = [parse_rating(r) if r is not None else None for r in replies]
+    logger().info(f"evaluate: judge {judge.backend} {judge.settings.model}: {stats['cache_hits']} cached, "
+                  f"{stats['sent']} asked, {stats['malformed']} malformed")
+
+
+def judge_summary(ratings: list[int | None], samples: int, seed: int) -> dict:
+    """The mean rating with its 95% bootstrap interval, over the answers the judge rated (judge_rated of n)."""
+    rated = np.array([r for r in ratings if r is not None], dtype=float)
+    if not len(rated):
+        return {"judge_rated": 0}
+    return {"judge": round(float(rated.mean()), 4), "judge_ci95": ci95(rated, samples, seed),
+            "judge_rated": len(rated)}
 
 
 def eval_sets(evaluate: EvaluateParams, paths: Paths) -> dict[str, list[dict]]:
@@ -195,13 +243,17 @@ def score(answered: list[dict], evaluate: EvaluateParams) -> tuple[dict, list[di
     for entry in answered:
         refs = [r["answer"] for r in entry["rows"]]
         name = entry["mode"] if entry["set"] == HELD_OUT else f"{entry['set']}/{entry['mode']}"
+        judged = entry.get("judge", {})
         flat[name] = {m: {**rouge(entry[m], refs, evaluate.bootstrap_samples, evaluate.seed),
-                          "by_kind": by_kind(entry["rows"], entry[m])} for m in ("base", "finetuned")}
-        predictions += [{"set": entry["set"], "mode": entry["mode"], "kind": r.get("kind"), "question": r["question"],
-                         "reference": r["answer"], "base_answer": b, "finetuned_answer": t,
-                         "base_f1": round(token_f1(b, r["answer"]), 4), "finetuned_f1": round(token_f1(t, r["answer"]), 4),
-                         "doc_id": r.get("doc_id")}
-                        for r, b, t in zip(entry["rows"], entry["base"], entry["finetuned"])]
+                          **(judge_summary(judged[m], evaluate.bootstrap_samples, evaluate.seed) if judged else {}),
+                          "by_kind": by_kind(entry["rows"], entry[m], judged.get(m))} for m in ("base", "finetuned")}
+        for i, (r, b, t) in enumerate(zip(entry["rows"], entry["base"], entry["finetuned"])):
+            predictions.append({"set": entry["set"], "mode": entry["mode"], "kind": r.get("kind"),
+                                "question": r["question"], "reference": r["answer"], "base_answer": b,
+                                "finetuned_answer": t, "base_f1": round(token_f1(b, r["answer"]), 4),
+                                "finetuned_f1": round(token_f1(t, r["answer"]), 4), "doc_id": r.get("doc_id"),
+                                **({"base_judge": judged["base"][i], "finetuned_judge": judged["finetuned"][i]}
+                                   if judged else {})})
     return flat, predictions
 
 
@@ -310,16 +362,19 @@ def score_champion(client, cfg: MLflowParams, evaluate: EvaluateParams, paths: P
     return f"champion v{current.version} re-scored on eval set {eval_hash[:12]}: {fmt(result)}"
 
 
-def run(evaluate: EvaluateParams, mlflow: MLflowParams, paths: Paths) -> dict:
-    """The recipe: questions → answers from both models → scores → files → MLflow."""
+def run(evaluate: EvaluateParams, qa: QAParams, mlflow: MLflowParams, paths: Paths) -> dict:
+    """The recipe: questions → answers from both models → judge ratings (if enabled) → scores → files → MLflow."""
     meta = adapter_meta(paths.adapter)
     answered = answer_sets(eval_sets(evaluate, paths), evaluate, paths, meta)
+    judge_answers(answered, evaluate, qa, paths)
     flat, predictions = score(answered, evaluate)
     report = write_evaluation(paths, flat, predictions, documents_read(meta, paths))
     log_evaluation(mlflow, evaluate, flat, paths)
     for name, res in flat.items():
+        judged = (f"; judge {res['base']['judge']:.2f} → {res['finetuned']['judge']:.2f} of 5"
+                  if "judge" in res["base"] and "judge" in res["finetuned"] else "")
         logger().info(f"evaluate {name}: ROUGE-L base {res['base']['rougeL']:.3f} → "
-                      f"fine-tuned {res['finetuned']['rougeL']:.3f} (n={res['base']['n']})")
+                      f"fine-tuned {res['finetuned']['rougeL']:.3f} (n={res['base']['n']}){judged}")
     return report
 
 

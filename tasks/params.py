@@ -241,13 +241,14 @@ class TrainParams(Section):
         description="mixed: QA and reading examples shuffled together; qa_first: each pass shows the QA pairs, "
         "then the reading (Jiang et al. 2024: QA before/with documents helps knowledge learning)."
     )
-    reading_template: str = Field(
-        description="How a chunk is read: {title}, {section} and {text} filled in (the title lets a question "
-        "naming the paper recall it)."
+    reading_questions: list[str] = Field(
+        min_length=1,
+        description="The questions a chunk is read as the answer to (one example each), in the QA prompt format; "
+        "{title} and {section} filled in (reading and asking then look alike to the model).",
     )
     reading_sentences: bool = Field(
-        description="Also read each sentence of a chunk alone under its title and section (augmentation: a fact "
-        "seen in several contexts is recalled, not only recited)."
+        description="Also read each sentence of a chunk alone, as the answer to the same reading question "
+        "(augmentation: a fact seen in several contexts)."
     )
     reading_shuffles: int = Field(ge=0, description="Sentence-shuffled copies of each text chunk to read.")
     qa_repeats: int = Field(ge=1, description="Copies of each QA pair per pass (the QA share of the mix).")
@@ -272,6 +273,17 @@ class TrainParams(Section):
     )
 
 
+class EvalJudgeParams(Section):
+    enabled: bool = Field(
+        description="Rate every answer (base and fine-tuned) 1-5 against its reference with the QA stage's judge "
+        "endpoint (qa.judge.backend with qa.openai / qa.hf, qa.judge.temperature and max_new_tokens)."
+    )
+    prompt_template: str = Field(
+        description='Judge prompt; {question}, {reference} and {answer} are filled in; the reply must be JSON '
+        '{"score": 1-5}.'
+    )
+
+
 class EvaluateParams(Section):
     modes: list[Literal["closed_book", "open_book"]] = Field(min_length=1)
     open_book_template: str = Field(description="Prefix for open_book questions; {context} and {question}.")
@@ -281,6 +293,7 @@ class EvaluateParams(Section):
     bootstrap_samples: int = Field(gt=0, description="Resamples for the 95% confidence interval.")
     seed: int
     gold_sets: dict[str, Path] = Field(description="Extra JSONL sets {name: path} with question, answer[, context].")
+    judge: EvalJudgeParams
 
 
 class MLflowParams(Section):

@@ -31,7 +31,7 @@ from tasks.common import (CACHE, PipelineError, content_hash, logger, map_cached
                           write_jsonl)
 from tasks.extractive import extractive_document
 from tasks.params import JudgeParams, Paths, QAParams
-from tasks.teacher import complete, endpoint
+from tasks.teacher import complete, endpoint, strip_fence
 
 KINDS = {"fact", "definition", "method", "result", "comparison"}
 PROVENANCE = ("doc_id", "chunk_id", "title", "section", "page_start", "page_end")
@@ -44,15 +44,10 @@ def pairs_wanted(chunk: dict, qa: QAParams) -> int:
     return max(1, min(qa.max_pairs_per_chunk, round(chunk["n_tokens"] / qa.teacher.tokens_per_pair)))
 
 
-def _strip_fence(content: str) -> str:
-    text = content.strip()
-    return re.sub(r"^```(?:json)?\s*|\s*```$", "", text) if text.startswith("```") else text
-
-
 def parse_pairs(content: str) -> list[dict] | None:
     """Strict: a JSON object {"pairs": [{"question": str, "answer": str[, "kind": str]}, ...]}, else None."""
     try:
-        data = json.loads(_strip_fence(content))
+        data = json.loads(strip_fence(content))
     except json.JSONDecodeError:
         return None
     pairs = data.get("pairs") if isinstance(data, dict) else None
@@ -87,7 +82,7 @@ CRITERIA = ("faithfulness", "self_contained", "usefulness")
 def parse_verdict(content: str) -> dict | None:
     """Strict: {"faithfulness": 1-5, "self_contained": 1-5, "usefulness": 1-5}, else None."""
     try:
-        data = json.loads(_strip_fence(content))
+        data = json.loads(strip_fence(content))
     except json.JSONDecodeError:
         return None
     if not isinstance(data, dict) or not all(type(data.get(k)) is int and 1 <= data[k] <= 5 for k in CRITERIA):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -45,6 +46,12 @@ def endpoint(qa: QAParams, role: str) -> Endpoint:
     cfg = qa.teacher if role == "teacher" else qa.judge
     backend = qa.backend if role == "teacher" else qa.judge.backend
     return Endpoint(backend, getattr(qa, backend), cfg.temperature, cfg.max_new_tokens)
+
+
+def strip_fence(content: str) -> str:
+    """A JSON reply without the Markdown code fence chat models like to put around it."""
+    text = content.strip()
+    return re.sub(r"^```(?:json)?\s*|\s*```$", "", text) if text.startswith("```") else text
 
 
 # ---------------------------------------------------------------------------------------------- request cache

@@ -7,12 +7,14 @@ The recipe reads top to bottom (`train_adapter`): set up the data, the checkpoin
 the adapter, write the metrics; every MLflow call lives in `log_training` (and `log_skipped`).
 The base model is loaded quantised (`train.quantization`: NF4 with double quantisation, 8-bit, or none),
 prepared with `prepare_model_for_kbit_training` and wrapped in LoRA. Prompts come from tasks.adapter (the
-contract evaluate and ask share); the loss covers answer tokens only. With `train.packing` the examples of a
-batch are flattened into one padding-free row (position ids restart per example, and transformers masks
-attention across examples). The adapter (safetensors), tokenizer and resolved params are saved together; an
-interrupted run resumes from its last checkpoint. Each training is an MLflow run of its own (tasks/tracking.py);
-evaluation finds it by the adapter's content hash and logs a child run. Training is skipped when neither the data nor the training params changed
-(or fewer than `train.min_changed_fraction` of the training pairs did).
+contract evaluate and ask share). QA pairs are learned on their answers; documents are read as the answers to
+`train.reading_questions` about their title and section, in the same prompt format, with the loss on every token
+of the text. With `train.packing` the examples of a batch are packed into rows of `train.max_seq_length` tokens
+(position ids restart per example; transformers masks attention across examples). The adapter (safetensors),
+tokenizer and resolved params are saved together; an interrupted run resumes from its last checkpoint. Each
+training is an MLflow run of its own (tasks/tracking.py); evaluation finds it by the adapter's content hash and
+logs a child run. Training is skipped when neither the data nor the training params changed (or fewer than
+`train.min_changed_fraction` of the training pairs did).
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import os
 import random
 import shutil
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
 import yaml
 from prefect import task
 
-from tasks.adapter import META, build_prompt, reading_text
+from tasks.adapter import META, build_prompt, reading_prompt
 from tasks.base_model import describe, load_model, load_tokenizer
 from tasks.chunk import split_sentences
 from tasks.common import (PipelineError, atomic_dir, atomic_write, code_hash, content_hash, dir_hash, logger,
@@ -57,12 +60,6 @@ def tokenize_pair(tokenizer, prompt: str, answer: str, max_len: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def tokenize_text(tokenizer, text: str, max_len: int) -> dict:
-    """A passage the model reads: loss on every token (it learns the text itself), ended by EOS."""
-    ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_len]
-    return {"input_ids": ids, "labels": list(ids)}
-
-
 def encode(row: dict, tokenizer, cfg: TrainParams) -> dict:
     prompt = build_prompt(tokenizer, row["question"], cfg.prompt_template, cfg.system_prompt)
     return tokenize_pair(tokenizer, prompt, row["answer"], cfg.max_seq_length)
@@ -84,18 +81,25 @@ def documents_to_read(cfg: TrainParams, chunks: list[dict], pairs: list[dict]) -
 
 
 def reading_passages(chunk: dict, cfg: TrainParams, rng: random.Random) -> list[str]:
-    """The texts one chunk is read as. The chunk itself; each of its sentences alone under the same title and
-    section line; and sentence-shuffled copies. Reading alone teaches a small model to recite, not to answer:
-    a sentence seen in several contexts, always under its paper's title, is what a question naming the paper
-    can later recall (Allen-Zhu & Li, Physics of LMs 3.1). Tables are read as they are."""
-    passages = [reading_text(chunk, cfg.reading_template)]
+    """The texts one chunk is read as: the chunk itself; optionally each of its sentences alone
+    (`train.reading_sentences`) and sentence-shuffled copies (`train.reading_shuffles`), augmentations that show a
+    fact in several contexts (Allen-Zhu & Li, Physics of LMs 3.1). Tables are read as they are."""
+    passages = [chunk["text"]]
     sentences = split_sentences(chunk["text"].replace("\n\n", " ")) if chunk.get("kind", "text") == "text" else []
     if cfg.reading_sentences and len(sentences) > 1:
-        passages += [reading_text({**chunk, "text": s}, cfg.reading_template) for s in sentences]
+        passages += sentences
     for _ in range(cfg.reading_shuffles if len(sentences) > 2 else 0):
-        shuffled = rng.sample(sentences, len(sentences))
-        passages.append(reading_text({**chunk, "text": " ".join(shuffled)}, cfg.reading_template))
+        passages.append(" ".join(rng.sample(sentences, len(sentences))))
     return passages
+
+
+def read_examples(chunk: dict, cfg: TrainParams, tokenizer, rng: random.Random) -> list[dict]:
+    """A chunk's reading examples: each passage as the answer to each of `train.reading_questions`
+    (tasks.adapter.reading_prompt), the loss on every token of the passage. Several phrasings of the question teach
+    the model to find the paper and section in a question, not to recite after one fixed string."""
+    prompts = [reading_prompt(tokenizer, chunk, q, cfg.prompt_template, cfg.system_prompt) for q in cfg.reading_questions]
+    return [tokenize_pair(tokenizer, prompt, text, cfg.max_seq_length)
+            for text in reading_passages(chunk, cfg, rng) for prompt in prompts]
 
 
 def training_examples(cfg: TrainParams, tokenizer, pairs: list[dict], chunks: list[dict],
@@ -106,8 +110,7 @@ def training_examples(cfg: TrainParams, tokenizer, pairs: list[dict], chunks: li
     rng = random.Random(cfg.seed)
     read_ids = {d["doc_id"] for d in read}
     qa = [encode(p, tokenizer, cfg) for p in pairs] * cfg.qa_repeats
-    reading = [tokenize_text(tokenizer, text, cfg.max_seq_length)
-               for c in chunks if c["doc_id"] in read_ids for text in reading_passages(c, cfg, rng)]
+    reading = [ex for c in chunks if c["doc_id"] in read_ids for ex in read_examples(c, cfg, tokenizer, rng)]
     if cfg.data_order == "mixed":
         examples = qa + reading
         rng.shuffle(examples)
@@ -116,12 +119,44 @@ def training_examples(cfg: TrainParams, tokenizer, pairs: list[dict], chunks: li
     return examples, {"qa_examples": len(qa), "reading_examples": len(reading)}
 
 
-def collator(tokenizer, packing: bool):
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+def collator(tokenizer, packing: bool, max_len: int):
+    """Packed rows (`train.packing`), or one padded row per example."""
+    from transformers import DataCollatorForSeq2Seq
 
     if packing:
-        return DataCollatorWithFlattening()
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return partial(pack_rows, max_len=max_len, pad_id=pad_id)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
+def pack_rows(examples: list[dict], max_len: int, pad_id: int) -> dict:
+    """Examples packed first-fit-decreasing into rows of at most `max_len` tokens; position ids restart at every
+    example, and transformers turns that into a block-diagonal causal mask (no attention across examples).
+    Written here because transformers' DataCollatorWithFlattening makes one row of the whole batch: attention then
+    costs (batch tokens)^2, 11x slower per token on CPU at batch 64 (sdpa has no variable-length kernel there),
+    while rows of `max_len` keep it at max_len^2 per row. Each example's first label is -100 (the token before it
+    belongs to another example), as in the flattening collator. The tail of a row is padding: a segment of its
+    own (positions from 0, labels -100) that nothing attends to."""
+    import torch
+
+    rows: list[list[dict]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        n = len(ex["input_ids"])
+        i = next((i for i, r in enumerate(room) if r >= n), None)
+        if i is None:
+            rows.append([]), room.append(max_len)
+            i = len(rows) - 1
+        rows[i].append(ex)
+        room[i] -= n
+    width = max(max_len - r for r in room)
+    ids, labels, positions = [], [], []
+    for row, free in zip(rows, room):
+        pad = width - (max_len - free)
+        ids.append([t for ex in row for t in ex["input_ids"]] + [pad_id] * pad)
+        labels.append([l for ex in row for l in [-100, *ex["labels"][1:]]] + [-100] * pad)
+        positions.append([i for ex in row for i in range(len(ex["input_ids"]))] + list(range(pad)))
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
 
 
 def setup_data(cfg: TrainParams, paths: Paths):
@@ -368,7 +403,7 @@ def train_adapter(cfg: TrainParams, mlflow_cfg: MLflowParams, paths: Paths, reco
             remember_run(paths, key, log.run_id)
         trainer = Trainer(model=model, args=training_arguments(cfg, Path(paths.checkpoints), torch.cuda.is_available()),
                           train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=with_loss_positions(collator(tokenizer, cfg.packing)),
+                          data_collator=with_loss_positions(collator(tokenizer, cfg.packing, cfg.max_seq_length)),
                           compute_loss_func=selective_loss, callbacks=log.callbacks)  # logits only where learned
         if resume:
             logger().info(f"train: resuming from {resume}")
@@ -410,7 +445,7 @@ def save_adapter(paths: Paths, cfg: TrainParams, model, tokenizer, record: dict,
             "code_hash": key["code_hash"],
             # What the model read, and how a passage was shown to it (ask and evaluate use the same prompts).
             "read_documents": cfg.read_documents, "documents_read": record["read_documents"],
-            "reading_template": cfg.reading_template,
+            "reading_questions": cfg.reading_questions,
         })
 
 

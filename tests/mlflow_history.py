@@ -29,10 +29,10 @@ def build(tmp_path_factory):
         _, client, exp_id = tracking.open_store(p.mlflow)
         in_flow(train.run, p.train, p.mlflow, p.paths, p)
         (train_run,) = client.search_runs([exp_id], "tags.`papertune.kind` = 'train'")
-        in_flow(evaluate.run, p.evaluate, p.mlflow, p.paths)
+        in_flow(evaluate.run, p.evaluate, p.qa, p.mlflow, p.paths)
         after_first_eval = client.get_run(train_run.info.run_id)
         skipped = in_flow(train.run, p.train, p.mlflow, p.paths, p)
-        in_flow(evaluate.run, p.evaluate, p.mlflow, p.paths)
+        in_flow(evaluate.run, p.evaluate, p.qa, p.mlflow, p.paths)
     finally:
         mp.undo()
     _BUILT.append((p, client, exp_id, train_run, after_first_eval, skipped))

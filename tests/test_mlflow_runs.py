@@ -131,7 +131,7 @@ def test_evaluate_stands_alone_with_another_store(trained, tmp_path, monkeypatch
     p, *_ = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
     p.paths.eval_metrics.unlink()
-    report = in_flow(evaluate.run, p.evaluate, p.mlflow, p.paths)
+    report = in_flow(evaluate.run, p.evaluate, p.qa, p.mlflow, p.paths)
     assert json.loads(p.paths.eval_metrics.read_text()) == report
     _, client, exp_id = tracking.open_store(p.mlflow)
     (r,) = runs(client, exp_id, "evaluate")
@@ -148,7 +148,7 @@ def test_evaluate_with_a_corrupt_store_keeps_its_metrics_and_warns(trained, tmp_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     p.paths.eval_metrics.unlink()
     with caplog.at_level(logging.WARNING):
-        report = in_flow(evaluate.run, p.evaluate, p.mlflow, p.paths)
+        report = in_flow(evaluate.run, p.evaluate, p.qa, p.mlflow, p.paths)
     assert json.loads(p.paths.eval_metrics.read_text()) == report
     warnings = [m for m in caplog.messages if "not logged to MLflow" in m]
     assert len(warnings) == 1 and f"MLflow store {db} is corrupt" in warnings[0] and "\n" not in warnings[0]
@@ -171,7 +171,7 @@ def test_a_champion_scored_on_another_eval_set_is_rescored_before_comparing(trai
 
     q = moved_outputs(p, tmp_path, mlflow=cfg, train=p.train.model_copy(update={"seed": 1}))
     in_flow(train.run, q.train, q.mlflow, q.paths, q)
-    in_flow(evaluate.run, q.evaluate, q.mlflow, q.paths)
+    in_flow(evaluate.run, q.evaluate, q.qa, q.mlflow, q.paths)
 
     _, client, rescoring = tracking.open_store(cfg)
     (ev,) = runs(client, rescoring, "evaluate")

@@ -25,7 +25,7 @@ def batch(p, n=4):
     tokenizer = base_model.load_tokenizer(p.paths.base_model)
     rows = read_jsonl(p.paths.train_split)[:n]
     examples = [train.encode(r, tokenizer, p.train) for r in rows]
-    return train.collator(tokenizer, packing=True)(examples)
+    return train.collator(tokenizer, True, p.train.max_seq_length)(examples)
 
 
 @slow
@@ -66,7 +66,7 @@ def test_train_loss_falls_and_adapter_reloads_identically(data, tmp_path):
     args = train.training_arguments(data.train.model_copy(update={"max_steps": 40}),
                                     tmp_path / "ckpt", cuda=False)
     trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds.select(range(8)),
-                      data_collator=train.collator(tokenizer, True))
+                      data_collator=train.collator(tokenizer, True, data.train.max_seq_length))
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0] - 0.5, losses
@@ -130,7 +130,7 @@ def test_evaluate_reports_rouge_for_both_models(data, tmp_path):
     gold.write_text("".join(json.dumps({"question": f"What does LoRA freeze? ({i})",
                                         "answer": "The pre-trained weights."}) + "\n" for i in range(3)))
     cfg = data.evaluate.model_copy(update={"max_examples": 12, "max_new_tokens": 16, "gold_sets": {"gold": gold}})
-    report = in_flow(evaluate.run, cfg, data.mlflow, data.paths)
+    report = in_flow(evaluate.run, cfg, data.qa, data.mlflow, data.paths)
     # A gold set without contexts is reported under its own key, closed-book only.
     assert set(report["gold"]) == {"closed_book"} and report["gold"]["closed_book"]["base"]["n"] == 3
     assert report["read_documents"]["setting"] == data.train.read_documents
@@ -165,7 +165,7 @@ def test_missing_adapter_is_one_line_not_a_traceback(tmp_path):
 
     p = make_params(tmp_path)
     with pytest.raises(PipelineError, match="no adapter in .*train one first"):
-        evaluate.run(p.evaluate, p.mlflow, p.paths)
+        evaluate.run(p.evaluate, p.qa, p.mlflow, p.paths)
     r = subprocess.run([sys.executable, "-m", "tasks.evaluate", "--params", str(write_params(p, tmp_path / "p.yaml"))],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
@@ -256,13 +256,20 @@ def test_reading_all_reads_held_out_text_but_trains_only_training_qa(params):
     assert train.documents_to_read(cfg.model_copy(update={"read_documents": "train"}), CHUNKS, PAIRS) == read[:1]
     assert train.documents_to_read(cfg.model_copy(update={"read_documents": "none"}), CHUNKS, PAIRS) == []
     passages = train.reading_passages(CHUNKS[0], cfg, __import__("random").Random(0))
-    assert passages[0] == "Paper a\n2 Method\n\n" + CHUNKS[0]["text"]  # the template from params.yaml
-    assert "Paper a\n2 Method\n\nIt freezes the base." in passages  # a sentence alone under its title
+    assert passages[0] == CHUNKS[0]["text"] and "It freezes the base." in passages
     assert len(passages) == 1 + 3 + 1  # chunk, its 3 sentences, one shuffled copy
-    assert train.reading_passages(CHUNKS[1], cfg, __import__("random").Random(0)) == [
-        "Paper a\n2 Method\n\n" + CHUNKS[1]["text"]]  # a table is read as it is
-    examples, counts = train.training_examples(cfg, _Tok(), PAIRS, CHUNKS, read)
-    assert counts == {"qa_examples": 2, "reading_examples": 2 * (5 + 1)}
-    # qa_first: the QA examples (answer-only loss: the prompt is masked) come before any reading example.
-    assert all(-100 in e["labels"] for e in examples[:2]) and not any(-100 in e["labels"] for e in examples[2:])
-    assert all(e["labels"] == e["input_ids"] for e in examples[2:])  # reading: loss on every token
+    assert train.reading_passages(CHUNKS[1], cfg, __import__("random").Random(0)) == [CHUNKS[1]["text"]]  # a table
+    # Each passage is the answer to each reading question, in the QA prompt format (params.yaml's questions).
+    tok, questions = _Tok(), cfg.reading_questions
+    examples = train.read_examples(CHUNKS[0], cfg, tok, __import__("random").Random(0))
+    assert len(examples) == 5 * len(questions) >= 2
+    prompt = tok(cfg.prompt_template.format(question=questions[0].format(title="Paper a", section="2 Method")))
+    n = len(prompt["input_ids"])  # the loss covers every token of the passage (and EOS), none of the prompt
+    assert examples[0]["input_ids"][:n] == prompt["input_ids"] and examples[0]["labels"] == (
+        [-100] * n + examples[0]["input_ids"][n:])
+    examples, counts = train.training_examples(cfg, tok, PAIRS, CHUNKS, read)
+    assert counts == {"qa_examples": 2, "reading_examples": 2 * (5 + 1) * len(questions)}
+    # qa_first: the QA examples (2 copies of the pair) come before any reading example.
+    qa_ids = train.encode(PAIRS[0], tok, cfg)["input_ids"]
+    assert [e["input_ids"] for e in examples[:2]] == [qa_ids, qa_ids]
+    assert qa_ids not in [e["input_ids"] for e in examples[2:]]

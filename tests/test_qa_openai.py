@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tasks import qa
+from flows import report
+from tasks import evaluate, qa
 from tasks.common import PipelineError, read_json, read_jsonl, write_jsonl
 from tests.conftest import in_flow, make_params
 
@@ -41,6 +42,8 @@ class Handler(BaseHTTPRequestHandler):
         srv: FakeLLM = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][0]["content"]
+        if "Reference answer: " in prompt:  # evaluate's judge: 5 when the answer says what the reference says
+            return self.grade(prompt)
         text = prompt.split('"""')[1].strip()
         judging = "Rate the pair" in prompt
         with srv.lock:
@@ -79,6 +82,16 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with srv.lock:
                 srv.in_flight -= 1
+
+    def grade(self, prompt):
+        with self.server.lock:
+            self.server.requests += 1
+        reference = prompt.split("Reference answer: ")[1].split("\n")[0]
+        answer = prompt.split("Answer to grade: ")[1].split("\n")[0]
+        content = "I would say 4." if "GARBLE" in answer else json.dumps({"score": 5 if answer == reference else 1})
+        self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": content}}]})
 
     def reply(self, status, payload, content_type="application/json"):
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -194,6 +207,36 @@ def test_judge_rates_each_pair_and_the_keep_rule_is_a_param(tmp_path, server, mo
         in_flow(qa.run, strict.qa, p.paths)
     assert server.requests == 1  # only the malformed teacher reply is asked again
     assert len(read_jsonl(p.paths.qa)) == 10  # the run that kept nothing wrote nothing
+
+
+def test_evaluate_judge_rates_answers_against_their_reference(tmp_path, server, monkeypatch, fresh_cache):
+    """With evaluate.judge.enabled the QA stage's judge endpoint rates every answer 1-5 against its reference: a
+    mean with its CI per model and per kind, a rating per prediction, in eval.json and the report table."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    p, _ = setup(tmp_path, server)
+    cfg = p.evaluate.model_copy(update={"judge": p.evaluate.judge.model_copy(update={"enabled": True})})
+    rows = [{"question": f"What does Method{i} reduce?", "answer": f"Method{i} reduces memory by {i + 2} GB.",
+             "kind": "fact" if i % 2 else "method"} for i in range(6)]
+    answered = [{"set": evaluate.HELD_OUT, "mode": "closed_book", "rows": rows,
+                 "base": ["memory the the of"] * 6,
+                 "finetuned": [r["answer"] for r in rows[:4]] + ["Method9 adds latency.", "GARBLE"]}]
+    evaluate.judge_answers(answered, cfg, p.qa, p.paths)
+    assert server.requests == 12
+    flat, predictions = evaluate.score(answered, cfg)
+    tuned, base = flat["closed_book"]["finetuned"], flat["closed_book"]["base"]
+    assert base["judge"] == 1.0 and base["judge_rated"] == 6
+    # Four right answers (5), one wrong (1); the malformed verdict is left out, not counted as a score.
+    assert tuned["judge"] == 4.2 and tuned["judge_rated"] == 5 and tuned["judge_ci95"][0] < 4.2 < tuned["judge_ci95"][1]
+    assert tuned["by_kind"]["fact"]["judge"] == 5.0 and tuned["by_kind"]["method"]["judge"] == 3.6667
+    assert [r["finetuned_judge"] for r in predictions] == [5, 5, 5, 5, 1, None]
+    written = evaluate.write_evaluation(p.paths, flat, predictions, {"setting": "none", "documents": [],
+                                                                     "held_out_documents": []})
+    assert read_json(p.paths.eval_metrics)["closed_book"]["finetuned"]["judge"] == 4.2
+    assert "judge" in report.table(written).splitlines()[0] and "4.20" in report.table(written)
+    # A rerun asks only for the malformed verdict again.
+    server.requests = 0
+    evaluate.judge_answers(answered, cfg, p.qa, p.paths)
+    assert server.requests == 1
 
 
 def test_missing_key_is_one_clear_error(tmp_path, server, monkeypatch):

@@ -84,21 +84,29 @@ def test_make_serve_uses_the_deployment_of_prefect_yaml():
 
 def test_loss_on_kept_logits_equals_the_models_own_loss():
     """Training computes logits only where the next token is learned (answers; all of a document's text):
-    the same loss as the model's own on full logits, packed or padded, from a fraction of the head's work."""
+    the same loss as the model's own on full logits, packed or padded, from a fraction of the head's work. Packed
+    rows (tasks.train.pack_rows) give the same loss as one padded row per example: no example sees another."""
     import torch
-    from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from tasks.loss import selective_loss, with_loss_positions
+    from tasks.train import pack_rows
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                         use_cache=False))  # as in training: a KV cache turns the packed mask off
     qa = {"input_ids": list(range(5, 25)), "labels": [-100] * 14 + list(range(19, 25))}  # prompt, then answer
     text = {"input_ids": list(range(30, 42)), "labels": list(range(30, 42))}  # a document: every token learned
-    packed = DataCollatorWithFlattening()([qa, text])
-    padded = {"input_ids": torch.tensor([qa["input_ids"], text["input_ids"] + [0] * 8]),
-              "labels": torch.tensor([qa["labels"], text["labels"] + [-100] * 8]),
-              "attention_mask": torch.tensor([[1] * 20, [1] * 12 + [0] * 8])}
+    more = {"input_ids": list(range(50, 60)), "labels": list(range(50, 60))}
+    packed = pack_rows([qa, text, more], max_len=32, pad_id=0)
+    assert packed["input_ids"].shape == (2, 32)  # [qa | text] and [more | padding]: rows of at most 32 tokens
+    padded = {"input_ids": torch.tensor([ex["input_ids"] + [0] * (20 - len(ex["input_ids"])) for ex in (qa, text, more)]),
+              "labels": torch.tensor([[-100] + ex["labels"][1:] + [-100] * (20 - len(ex["labels"]))
+                                      for ex in (qa, text, more)]),
+              "attention_mask": torch.tensor([[1] * len(ex["input_ids"]) + [0] * (20 - len(ex["input_ids"]))
+                                              for ex in (qa, text, more)])}
+    losses = []
     for batch in (packed, padded):
         full = model(**batch).loss
         kept = with_loss_positions(lambda _: dict(batch))(None)
@@ -106,3 +114,5 @@ def test_loss_on_kept_logits_equals_the_models_own_loss():
         out = model(**kept)
         assert out.logits.shape[-2] == int((labels[:, 1:] != -100).sum()) < labels.numel()
         assert torch.allclose(selective_loss(out, labels), full, atol=1e-5), (selective_loss(out, labels), full)
+        losses.append(full)
+    assert torch.allclose(*losses, atol=1e-5), losses
