@@ -45,7 +45,7 @@ def throughput(p, steps: int, packed: bool) -> dict:
     cfg = p.train.model_copy(update={"max_steps": steps, "packing": packed})
     if packed:  # the pipeline's own path
         ds = train.load_split(p.paths.train_split, tokenizer, cfg)
-        collate = train.collator(tokenizer, packing=True)
+        collate = train.collator(tokenizer, True, cfg.max_seq_length)
     else:  # the plain recipe: prompt + answer as one text, padded to max_seq_length, loss everywhere
         from datasets import load_dataset
 
@@ -65,8 +65,9 @@ def throughput(p, steps: int, packed: bool) -> dict:
     seconds = time.perf_counter() - start
     batches = [collate([ds[i] for i in range(j, min(j + cfg.per_device_train_batch_size, len(ds)))])
                for j in range(0, len(ds), cfg.per_device_train_batch_size)]
-    # Real tokens = prompt + answer tokens fed to the model; a packed row has no padding at all.
-    per_step = sum(b["input_ids"].numel() if packed else int(b["attention_mask"].sum()) for b in batches)
+    # Real tokens = prompt + answer tokens fed to the model (packed rows end in padding too: not counted).
+    per_step = sum(len(ds[i]["input_ids"]) for i in range(len(ds))) if packed else sum(
+        int(b["attention_mask"].sum()) for b in batches)
     real_tokens = per_step / len(batches) * steps
     return {"seconds": seconds, "real_tokens_per_s": real_tokens / seconds}
 

@@ -120,17 +120,16 @@ def rouge(predictions: list[str], references: list[str], samples: int, seed: int
     return summarise([per_answer(p, r) for p, r in zip(predictions, references)], samples, seed)
 
 
-def by_kind(rows: list[dict], predictions: list[str], ratings: list[int | None] | None = None) -> dict:
+def by_kind(rows: list[dict], scores: list[dict[str, float]], ratings: list[int | None] | None = None) -> dict:
     """Mean ROUGE-L, token F1 and exact match (and the judge's mean rating, when there are ratings) per question
-    kind ("definition", "section", ...; "other" if none)."""
-    groups: dict[str, list[dict]] = {}
-    for i, (row, pred) in enumerate(zip(rows, predictions)):
-        groups.setdefault(row.get("kind") or "other", []).append(
-            {**per_answer(pred, row["answer"]), "judge": ratings[i] if ratings else None})
+    kind ("definition", "section", ...; "other" if none), from each answer's `per_answer` scores."""
+    groups: dict[str, list[tuple[dict, int | None]]] = {}
+    for row, score, rating in zip(rows, scores, ratings or [None] * len(rows)):
+        groups.setdefault(row.get("kind") or "other", []).append((score, rating))
     out = {}
     for kind, g in sorted(groups.items()):
-        out[kind] = {"n": len(g), **{k: round(float(np.mean([r[k] for r in g])), 4) for k in CI_METRICS}}
-        if rated := [r["judge"] for r in g if r["judge"] is not None]:
+        out[kind] = {"n": len(g), **{k: round(float(np.mean([sc[k] for sc, _ in g])), 4) for k in CI_METRICS}}
+        if rated := [r for _, r in g if r is not None]:
             out[kind]["judge"] = round(float(np.mean(rated)), 4)
     return out
 
@@ -244,14 +243,15 @@ def score(answered: list[dict], evaluate: EvaluateParams) -> tuple[dict, list[di
         refs = [r["answer"] for r in entry["rows"]]
         name = entry["mode"] if entry["set"] == HELD_OUT else f"{entry['set']}/{entry['mode']}"
         judged = entry.get("judge", {})
-        flat[name] = {m: {**rouge(entry[m], refs, evaluate.bootstrap_samples, evaluate.seed),
+        scores = {m: [per_answer(a, ref) for a, ref in zip(entry[m], refs)] for m in ("base", "finetuned")}
+        flat[name] = {m: {**summarise(scores[m], evaluate.bootstrap_samples, evaluate.seed),
                           **(judge_summary(judged[m], evaluate.bootstrap_samples, evaluate.seed) if judged else {}),
-                          "by_kind": by_kind(entry["rows"], entry[m], judged.get(m))} for m in ("base", "finetuned")}
+                          "by_kind": by_kind(entry["rows"], scores[m], judged.get(m))} for m in ("base", "finetuned")}
         for i, (r, b, t) in enumerate(zip(entry["rows"], entry["base"], entry["finetuned"])):
             predictions.append({"set": entry["set"], "mode": entry["mode"], "kind": r.get("kind"),
                                 "question": r["question"], "reference": r["answer"], "base_answer": b,
-                                "finetuned_answer": t, "base_f1": round(token_f1(b, r["answer"]), 4),
-                                "finetuned_f1": round(token_f1(t, r["answer"]), 4), "doc_id": r.get("doc_id"),
+                                "finetuned_answer": t, "base_f1": round(scores["base"][i]["f1"], 4),
+                                "finetuned_f1": round(scores["finetuned"][i]["f1"], 4), "doc_id": r.get("doc_id"),
                                 **({"base_judge": judged["base"][i], "finetuned_judge": judged["finetuned"][i]}
                                    if judged else {})})
     return flat, predictions

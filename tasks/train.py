@@ -133,8 +133,8 @@ def pack_rows(examples: list[dict], max_len: int, pad_id: int) -> dict:
     """Examples packed first-fit-decreasing into rows of at most `max_len` tokens; position ids restart at every
     example, and transformers turns that into a block-diagonal causal mask (no attention across examples).
     Written here because transformers' DataCollatorWithFlattening makes one row of the whole batch: attention then
-    costs (batch tokens)^2, 11x slower per token on CPU at batch 64 (sdpa has no variable-length kernel there),
-    while rows of `max_len` keep it at max_len^2 per row. Each example's first label is -100 (the token before it
+    costs (batch tokens)^2 (sdpa on CPU has no variable-length kernel), 3.8 s against 1.1 s per step of the builtin
+    model at batch 64, while rows of `max_len` keep it at max_len^2 per row. Each example's first label is -100 (the token before it
     belongs to another example), as in the flattening collator. The tail of a row is padding: a segment of its
     own (positions from 0, labels -100) that nothing attends to."""
     import torch
@@ -144,9 +144,10 @@ def pack_rows(examples: list[dict], max_len: int, pad_id: int) -> dict:
     for ex in sorted(examples, key=lambda e: -len(e["input_ids"])):
         n = len(ex["input_ids"])
         i = next((i for i, r in enumerate(room) if r >= n), None)
-        if i is None:
-            rows.append([]), room.append(max_len)
-            i = len(rows) - 1
+        if i is None:  # no row has room: open a new one
+            i = len(rows)
+            rows.append([])
+            room.append(max_len)
         rows[i].append(ex)
         room[i] -= n
     width = max(max_len - r for r in room)
