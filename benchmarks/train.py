@@ -10,8 +10,11 @@ Run:  python benchmarks/train.py [--params params.yaml] [--steps 20] [--skip-mem
    nothing downloaded) with the base in 4-bit NF4 vs in bf16 (both with bf16 compute), each in its own
    process: the weights' footprint, the peak RSS while loading, the peak RSS while training, tokens/s and the
    last loss; both with the pipeline's loss (tasks/loss.py: logits only where the next token is learned, frozen
-   embedding kept in bf16), and 4-bit once more as before issue 10 (full logits, fp32 embedding).
-   Goal (issue 10): 4-bit train peak ≤ 0.6x bf16's.
+   embedding kept in bf16), and 4-bit once more as before issue 10 (full logits, fp32 embedding). Both under
+   glibc's default malloc and under MALLOC_MMAP_THRESHOLD_=131072: by default glibc raises its mmap threshold
+   after the first large free, so the 4-bit path's transient dequantised weights (1.6-8.7 MB each, every layer,
+   forward and backward) are carved from the heap, which fragments and is never given back; a fixed threshold
+   maps and unmaps them, at a cost in speed. Goal (issue 10): 4-bit train peak ≤ 0.6x bf16's.
 Needs the pipeline's base model and split: run `dvc repro split` first.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -90,8 +94,12 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
     # embedding and head (a trained 152k-vocab head would dominate both runs), gradient checkpointing.
     cfg = p.train.model_copy(update={"quantization": quantization, "compute_dtype": "bfloat16", "lora_r": 16,
                                      "lora_alpha": 32, "modules_to_save": [], "gradient_checkpointing": True})
+    import bitsandbytes, peft, transformers  # noqa: F401  (lora_model imports them: count them before the model)
+
+    imports = _rss_mb("VmRSS")  # the interpreter with torch, transformers, peft and bitsandbytes imported
     torch.manual_seed(0)
     model = train.lora_model(Path(model_dir), cfg)
+    model.train()  # as the Trainer does: gradient checkpointing (and dropout) act only in training mode
     if loss == "full" and quantization != "none":
         model.get_input_embeddings().to(torch.float32)  # what prepare_model_for_kbit_training leaves
     # Weights as held by the model (RSS after loading would undercount bf16: safetensors stay memory-mapped).
@@ -116,10 +124,14 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
         opt.zero_grad()
     seconds = time.perf_counter() - start
     print(json.dumps({"loaded_mb": loaded, "load_peak_mb": load_peak, "train_peak_mb": _rss_mb("VmHWM"),
+                      "imports_mb": imports,
                       "tokens_per_s": steps * ids.numel() / seconds, "last_loss": float(value)}))
 
 
-RUNS = (("4bit", "kept", "4bit_nf4"), ("none", "kept", "bf16"), ("4bit", "full", "4bit_nf4_before"))
+MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc: allocations of 128 KiB and more are mapped, and unmapped on free
+RUNS = (("4bit", "kept", "4bit_nf4", {}), ("none", "kept", "bf16", {}),
+        ("4bit", "kept", "4bit_nf4 mmap", MMAP), ("none", "kept", "bf16 mmap", MMAP),
+        ("4bit", "full", "4bit_nf4_before", {}))
 
 
 def peak_memory(steps: int) -> dict:
@@ -133,9 +145,9 @@ def peak_memory(steps: int) -> dict:
     (folder / "base_model.json").write_text(json.dumps({"name_or_path": None, "revision": None}))
     del model
     out = {"params_millions": round(n_params / 1e6)}
-    for quantization, loss, label in RUNS:
+    for quantization, loss, label, env in RUNS:
         r = subprocess.run([sys.executable, __file__, "--child", str(folder), quantization, loss, str(steps)],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env={**os.environ, **env})
         if r.returncode:
             sys.exit(f"memory run {label} failed:\n{r.stderr[-3000:]}")
         out[label] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -164,19 +176,26 @@ def main() -> None:
         mem = peak_memory(args.memory_steps)
         print(f"memory (RSS), LoRA on a {mem['params_millions']}M-parameter random Llama (Qwen2.5-0.5B's shape), bf16 "
               f"compute, {args.memory_steps} steps of batch 4 x 256 (QA rows: 64 answer tokens of 256)")
-        print(f"  {'':18}{'weights':>12}{'load peak':>12}{'train peak':>12}{'tokens/s':>10}{'last loss':>11}")
-        for _, _, label in RUNS:
+        print(f"  {'':18}{'weights':>12}{'load peak':>12}{'train peak':>12}{'above imports':>15}{'tokens/s':>10}"
+              f"{'last loss':>11}")
+        for _, _, label, _ in RUNS:
             m = mem[label]
             print(f"  {label:<18}{m['loaded_mb']:>9.0f} MB{m['load_peak_mb']:>9.0f} MB{m['train_peak_mb']:>9.0f} MB"
-                  f"{m['tokens_per_s']:>10.0f}{m['last_loss']:>11.3f}")
+                  f"{m['train_peak_mb'] - m['imports_mb']:>12.0f} MB{m['tokens_per_s']:>10.0f}{m['last_loss']:>11.3f}")
         print("  (4bit_nf4 and bf16: the pipeline's loss, logits only where learned; 4bit_nf4_before: full logits, "
-              "fp32 embedding)")
-        for key in ("loaded_mb", "train_peak_mb", "tokens_per_s"):
-            name = {"loaded_mb": "weights", "train_peak_mb": "train peak RSS", "tokens_per_s": "tokens/s"}[key]
-            print(f"  ratio 4-bit / bf16, {name}: {mem['4bit_nf4'][key] / mem['bf16'][key]:.2f}x")
-        print(f"  4-bit now / before: train peak {mem['4bit_nf4']['train_peak_mb'] / mem['4bit_nf4_before']['train_peak_mb']:.2f}x, "
-              f"tokens/s {mem['4bit_nf4']['tokens_per_s'] / mem['4bit_nf4_before']['tokens_per_s']:.2f}x")
-
+              "fp32 embedding; mmap: MALLOC_MMAP_THRESHOLD_=131072; above imports: train peak minus the RSS of the "
+              "interpreter with its libraries imported, before the model)")
+        for suffix, malloc in (("", "glibc default"), (" mmap", "MALLOC_MMAP_THRESHOLD_=131072")):
+            four, bf16 = mem[f"4bit_nf4{suffix}"], mem[f"bf16{suffix}"]
+            print(f"  ratio 4-bit / bf16, {malloc}: weights {four['loaded_mb'] / bf16['loaded_mb']:.2f}x, "
+                  f"train peak {four['train_peak_mb'] / bf16['train_peak_mb']:.2f}x, above imports "
+                  f"{(four['train_peak_mb'] - four['imports_mb']) / (bf16['train_peak_mb'] - bf16['imports_mb']):.2f}x, "
+                  f"tokens/s {four['tokens_per_s'] / bf16['tokens_per_s']:.2f}x")
+        before, now, mapped = mem["4bit_nf4_before"], mem["4bit_nf4"], mem["4bit_nf4 mmap"]
+        print(f"  4-bit now / before: train peak {now['train_peak_mb'] / before['train_peak_mb']:.2f}x, "
+              f"tokens/s {now['tokens_per_s'] / before['tokens_per_s']:.2f}x")
+        print(f"  4-bit mmap / default malloc: train peak {mapped['train_peak_mb'] / now['train_peak_mb']:.2f}x, "
+              f"tokens/s {mapped['tokens_per_s'] / now['tokens_per_s']:.2f}x")
 
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--child":
