@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import flow
 
 from tasks import base_model, chunk, evaluate, export, ingest, qa, split, train
-from tasks.common import PipelineError, check_prefect_db, project_lock, shown, task_runner
+from tasks.common import PipelineError, check_prefect_db, project_lock, shown, skip_final_collection, task_runner
 from tasks.params import Params, ParamsError, load_params
 from tasks.prefect_server import local_server
 
@@ -61,3 +61,4 @@ if __name__ == "__main__":
                 pipeline(params_file)
     except PipelineError as e:
         sys.exit(f"error: {shown(e)}")
+    skip_final_collection()

@@ -97,13 +97,13 @@ def already_built(out: Path, key: str) -> dict | None:
 
 
 def run(model: ModelParams, paths: Paths) -> dict:
-    from transformers import AutoConfig, AutoTokenizer
-
     out = Path(paths.base_model)
     key = build_key(model, paths) if model.name == BUILTIN else None
     if key and (descriptor := already_built(out, key)):
         logger().info(f"base model: {model.name} unchanged (same params, tokenizer corpus and code) in {out}")
         return descriptor
+    from transformers import AutoConfig, AutoTokenizer  # here, not above: a cached run needs no transformers (2-3 s)
+
     with atomic_dir(out) as staging:
         extra = {}
         if model.name == BUILTIN:

@@ -20,7 +20,7 @@ def wait_flow_run(api: str, run_id: str, timeout: float) -> dict:
         run = httpx.get(f"{api}/flow_runs/{run_id}").json()
         if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return run
-        time.sleep(2)
+        time.sleep(0.5)
     raise TimeoutError(f"flow run {run_id} did not finish in {timeout} s")
 
 
