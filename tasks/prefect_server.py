@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,21 +75,71 @@ def _configured_api_url_without_prefect() -> str | None:
     return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") or None
 
 
-def _local_database() -> Path | None:
-    """The SQLite file the server would open (PREFECT_HOME/prefect.db unless a database URL is set), if it exists."""
+def _database_path() -> Path | None:
+    """The SQLite file the server opens (PREFECT_HOME/prefect.db unless a database URL is set); None if not SQLite."""
     import tomllib
 
     url = os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or os.environ.get(
         "PREFECT_SERVER_DATABASE_CONNECTION_URL")
     if url:
-        db = Path(url.split(":///", 1)[-1]) if url.startswith("sqlite") else None
-    else:
-        try:
-            home = tomllib.loads(Path("pyproject.toml").read_text()).get("tool", {}).get("prefect", {}).get("home")
-        except (OSError, tomllib.TOMLDecodeError):
-            home = None
-        db = Path(os.environ.get("PREFECT_HOME") or home or "~/.prefect").expanduser() / "prefect.db"
+        return Path(url.split(":///", 1)[-1]) if url.startswith("sqlite") else None
+    try:
+        home = tomllib.loads(Path("pyproject.toml").read_text()).get("tool", {}).get("prefect", {}).get("home")
+    except (OSError, tomllib.TOMLDecodeError):
+        home = None
+    return Path(os.environ.get("PREFECT_HOME") or home or "~/.prefect").expanduser() / "prefect.db"
+
+
+def _local_database() -> Path | None:
+    """The server's SQLite file, if it exists."""
+    db = _database_path()
     return db if db and db.is_file() else None
+
+
+def migrated_template() -> Path:
+    """A migrated Prefect database holding no runs, kept per Prefect version in the user's cache. A new database
+    starts as a copy of it: Prefect's migrations of a new one take 6-15 s before the server answers."""
+    from importlib.metadata import version
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "papertune"
+    return cache / f"prefect-{version('prefect')}-migrated.db"
+
+
+def seed_database(db: Path | None) -> bool:
+    """Start a missing database as a copy of the template; False when there is nothing to seed (it exists, it is
+    not SQLite, or no template has been saved yet: the server then migrates it, and `save_template` keeps it)."""
+    template = migrated_template()
+    if db is None or db.exists() or not template.is_file():
+        return False
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        partial = db.with_name(f"{db.name}.{os.getpid()}.tmp")  # temp file, then rename
+        shutil.copy(template, partial)
+        partial.replace(db)
+    except OSError:  # an optimisation only: the server migrates a new database itself
+        return False
+    return True
+
+
+def save_template(db: Path) -> None:
+    """Keep a consistent copy of a database the server has just migrated, before any run is written to it."""
+    import sqlite3
+
+    template = migrated_template()
+    if template.is_file() or not db.is_file():
+        return
+    partial = template.with_name(f"{template.name}.{os.getpid()}.tmp")  # a concurrent reader never sees half of it
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        src, dst = sqlite3.connect(db), sqlite3.connect(partial)
+        try:
+            src.backup(dst)  # consistent while the server has it open
+        finally:
+            src.close()
+            dst.close()
+        partial.replace(template)
+    except (OSError, sqlite3.Error):  # an optimisation only (a read-only cache, a full disk): nothing is lost
+        partial.unlink(missing_ok=True)
 
 
 def _database_ok(db: Path) -> bool:
@@ -118,7 +169,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def start_server(services: bool = False, log: str | Path | None = None) -> Server:
-    """Start the server and return at once (see `wait_ready`): its ~4 s start overlaps the caller's own work."""
+    """Start the server and return at once (see `wait_ready`): its ~4 s start overlaps the caller's own work.
+    A new database starts as a copy of the migrated template, when there is one (`seed_database`)."""
+    seed_database(_database_path())
     port = free_port()
     env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT__SERVER_FINAL": "1"}
     env.pop("PREFECT_API_URL", None)
@@ -179,9 +232,13 @@ def local_server(timeout: float = 90, services: bool = False) -> Iterator[str]:
         wait_ready(url, timeout)
         yield url
         return
+    db = _database_path()
+    new = db is not None and not db.exists() and not migrated_template().is_file()
     server = start_server(services=services)
     try:
         wait_ready(server.url, timeout, server.process)
+        if new:
+            save_template(db)  # migrated, and no run written yet: the next new database starts from it
         with _api_url(server.url):
             try:
                 yield server.url
@@ -230,7 +287,12 @@ def main(argv: list[str]) -> int:
         except PipelineError as e:
             sys.exit(f"error: {e}")
     log = tempfile.NamedTemporaryFile(prefix="papertune-prefect-server-", suffix=".log", delete=False)
+    db = _database_path()
+    new = db is not None and not db.exists() and not migrated_template().is_file()
     server = start_server(log=log.name)
+    if new:  # wait for the migrations before any stage writes a run, and keep the migrated database as the template
+        wait_ready(server.url, 120, server.process)
+        save_template(db)
     child = subprocess.Popen(argv, env={**os.environ, "PREFECT_API_URL": server.url})
     # Ctrl-C reaches the whole foreground group; a SIGTERM sent to us alone is passed on to the command.
     signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))

@@ -27,17 +27,11 @@ os.environ.pop("PREFECT_API_URL", None)
 # the end, and by the kernel if pytest dies). Every flow the tests run, here or in a subprocess, uses it through
 # PREFECT_API_URL: a temporary server per process costs 6 s, and 13-22 s on a new database (Prefect's migrations).
 # It starts now, in the background, while pytest collects; tests that need their own server say so.
-# Its database starts as a copy of a migrated, empty one kept per Prefect version in the user's cache: the next
-# session's server is ready in ~5 s instead of ~14 s (a fresh machine, like CI's, pays the migrations once).
-from importlib.metadata import version  # noqa: E402
+# Its database starts as a copy of a migrated, empty one kept per Prefect version in the user's cache
+# (tasks.prefect_server.migrated_template): the server is ready in ~5 s instead of ~14 s; a fresh machine, like CI's,
+# pays the migrations once.
+from tasks.prefect_server import migrated_template, save_template, start_server, stop_server, wait_ready  # noqa: E402
 
-from tasks.prefect_server import start_server, stop_server, wait_ready  # noqa: E402  (imports no Prefect)
-
-_MIGRATED = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "papertune"
-             / f"prefect-{version('prefect')}-migrated.db")
-if _MIGRATED.is_file():
-    (_SESSION_TMP / "prefect").mkdir()
-    shutil.copy(_MIGRATED, _SESSION_TMP / "prefect" / "prefect.db")
 _SERVER = start_server(log=_SESSION_TMP / "prefect-server.log")
 os.environ["PREFECT_API_URL"] = _SERVER.url
 
@@ -83,18 +77,10 @@ _EMPTY_DB = _SESSION_TMP / "prefect-migrated-empty.db"
 def prefect_server() -> str:
     """The session's Prefect API, once it answers. Its database is migrated by then and holds no runs yet: a copy
     is kept for tests that need a server of their own (prefect_home)."""
-    import sqlite3
-
     wait_ready(_SERVER.url, 120, _SERVER.process)
-    src, dst = sqlite3.connect(_SESSION_TMP / "prefect" / "prefect.db"), sqlite3.connect(_EMPTY_DB)
-    src.backup(dst)  # a consistent copy while the server writes
-    src.close()
-    dst.close()
-    if not _MIGRATED.is_file():  # temp file, then rename: a concurrent session never reads half a database
-        _MIGRATED.parent.mkdir(parents=True, exist_ok=True)
-        partial = _MIGRATED.with_name(f"{_MIGRATED.name}.{os.getpid()}.tmp")
-        shutil.copy(_EMPTY_DB, partial)
-        partial.replace(_MIGRATED)
+    db = _SESSION_TMP / "prefect" / "prefect.db"
+    save_template(db)  # when there was none: the server has migrated this one and holds no runs yet
+    shutil.copy(migrated_template(), _EMPTY_DB)
     return _SERVER.url
 
 
