@@ -252,6 +252,39 @@ def _corrupt_dbs(tmp_path: Path) -> dict[str, Path]:
     return {"file is not a database": garbage, "malformed": truncated}
 
 
+def test_a_new_prefect_database_starts_from_the_migrated_template_and_an_old_one_is_kept(tmp_path, monkeypatch):
+    """A new project's first server skips Prefect's 6-15 s of migrations by copying a migrated empty database;
+    a database with run history is never replaced, and without a template the server migrates as before."""
+    from tasks import prefect_server
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL", raising=False)
+    monkeypatch.delenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "first"))
+    migrated = tmp_path / "first" / "prefect.db"
+    migrated.parent.mkdir()
+    with sqlite3.connect(migrated) as con:  # what the server leaves after migrating: the schema's version
+        con.execute("CREATE TABLE alembic_version (version_num TEXT)")
+        con.execute("INSERT INTO alembic_version VALUES ('head')")
+    con.close()
+    assert prefect_server._database_path() == migrated
+    assert not prefect_server.seed_database(tmp_path / "none" / "prefect.db")  # no template yet: nothing to copy
+    assert not (tmp_path / "none").exists()
+
+    prefect_server.save_template(migrated)
+    template = prefect_server.migrated_template()
+    assert template.is_file() and not list(template.parent.glob("*.tmp"))
+    new = tmp_path / "second" / "prefect.db"
+    assert prefect_server.seed_database(new)
+    with sqlite3.connect(new) as con:
+        assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [("head",)]
+    con.close()
+    history = tmp_path / "third" / "prefect.db"
+    history.parent.mkdir()
+    history.write_bytes(b"runs of last week")
+    assert not prefect_server.seed_database(history) and history.read_bytes() == b"runs of last week"
+
+
 def test_corrupt_prefect_db_is_one_line(tmp_path, monkeypatch):
     healthy = tmp_path / "healthy.db"
     sqlite3.connect(healthy).execute("create table t (x)").connection.close()
