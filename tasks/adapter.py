@@ -34,10 +34,10 @@ def build_prompt(tokenizer, question: str, prompt_template: str, system_prompt: 
 
 
 def reading_prompt(tokenizer, chunk: dict, reading_question: str, prompt_template: str, system_prompt: str) -> str:
-    """The prompt a passage is read under: `train.reading_question` about its paper's title and section, in the same
-    prompt format as every QA pair (tokenised apart from the passage, like a question from its answer). A model that
-    learned the passage as the answer to "what does <paper> say in <section>?" recalls it when asked about that paper
-    at evaluation, in the format it was trained and is asked in."""
+    """The prompt a passage is read under: one of `train.reading_questions` about its paper's title and section, in
+    the same prompt format as every QA pair (tokenised apart from the passage, like a question from its answer). A
+    model that learned the passage as the answer to "what does <paper> say in <section>?" recalls it when asked about
+    that paper at evaluation, in the format it was trained and is asked in."""
     question = reading_question.format(title=chunk["title"], section=chunk["section"])
     return build_prompt(tokenizer, question, prompt_template, system_prompt)
 

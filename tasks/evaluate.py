@@ -115,11 +115,6 @@ def summarise(rows: list[dict[str, float]], samples: int, seed: int) -> dict:
     return out
 
 
-def rouge(predictions: list[str], references: list[str], samples: int, seed: int) -> dict:
-    """ROUGE, token F1 and exact match of a list of answers (kept under its old name: ROUGE is the headline)."""
-    return summarise([per_answer(p, r) for p, r in zip(predictions, references)], samples, seed)
-
-
 def by_kind(rows: list[dict], scores: list[dict[str, float]], ratings: list[int | None] | None = None) -> dict:
     """Mean ROUGE-L, token F1 and exact match (and the judge's mean rating, when there are ratings) per question
     kind ("definition", "section", ...; "other" if none), from each answer's `per_answer` scores."""

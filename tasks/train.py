@@ -97,7 +97,8 @@ def read_examples(chunk: dict, cfg: TrainParams, tokenizer, rng: random.Random) 
     """A chunk's reading examples: each passage as the answer to each of `train.reading_questions`
     (tasks.adapter.reading_prompt), the loss on every token of the passage. Several phrasings of the question teach
     the model to find the paper and section in a question, not to recite after one fixed string."""
-    prompts = [reading_prompt(tokenizer, chunk, q, cfg.prompt_template, cfg.system_prompt) for q in cfg.reading_questions]
+    prompts = [reading_prompt(tokenizer, chunk, q, cfg.prompt_template, cfg.system_prompt)
+               for q in cfg.reading_questions]
     return [tokenize_pair(tokenizer, prompt, text, cfg.max_seq_length)
             for text in reading_passages(chunk, cfg, rng) for prompt in prompts]
 
@@ -134,9 +135,9 @@ def pack_rows(examples: list[dict], max_len: int, pad_id: int) -> dict:
     example, and transformers turns that into a block-diagonal causal mask (no attention across examples).
     Written here because transformers' DataCollatorWithFlattening makes one row of the whole batch: attention then
     costs (batch tokens)^2 (sdpa on CPU has no variable-length kernel), 3.8 s against 1.1 s per step of the builtin
-    model at batch 64, while rows of `max_len` keep it at max_len^2 per row. Each example's first label is -100 (the token before it
-    belongs to another example), as in the flattening collator. The tail of a row is padding: a segment of its
-    own (positions from 0, labels -100) that nothing attends to."""
+    model at batch 64, while rows of `max_len` keep it at max_len^2 per row. Each example's first label is -100
+    (the token before it belongs to another example), as in the flattening collator. The tail of a row is padding:
+    a segment of its own (positions from 0, labels -100) that nothing attends to."""
     import torch
 
     rows: list[list[dict]] = []
