@@ -367,18 +367,20 @@ def map_cached_iter(task, items: Iterable, *args, desc: str, star: bool = False)
 
     pending = None
     window: list = []
-    for item in items:
-        window.append(item)
-        if len(window) == WINDOW:
-            current = submit(window)  # the next window computes while this one is collected
-            if pending:
-                yield from collect(*pending)
-            pending, window = current, []
-    current = submit(window) if window else None
-    for batch in (pending, current):
-        if batch:
-            yield from collect(*batch)
-    bar.close()
+    try:
+        for item in items:
+            window.append(item)
+            if len(window) == WINDOW:
+                current = submit(window)  # the next window computes while this one is collected
+                if pending:
+                    yield from collect(*pending)
+                pending, window = current, []
+        current = submit(window) if window else None
+        for batch in (pending, current):
+            if batch:
+                yield from collect(*batch)
+    finally:  # a failed run leaves no bar behind to be printed again at exit
+        bar.close()
     logger().info(f"{desc}: {counts['computed']} computed, {counts['cached']} from cache")
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import pymupdf
 from prefect import task
 
-from tasks.common import CACHE, PipelineError, logger, map_cached, run_stage, sha256_file, write_json, write_jsonl
+from tasks.common import (CACHE, PipelineError, logger, map_cached_iter, run_stage, sha256_file, write_json,
+                          write_jsonl)
 from tasks.params import IngestParams, Paths
 from tasks.pdf.extract import extract
 from tasks.pdf.layout import CONTROL_RE, clean
@@ -63,7 +64,8 @@ def extract_pdf(doc_id: str, pdf_path: str, cfg: IngestParams) -> dict:
 
 
 
-def run(ingest: IngestParams, paths: Paths) -> list[dict]:
+def run(ingest: IngestParams, paths: Paths) -> int:
+    """Streams records out as they are extracted (flat memory at any corpus size); returns how many it wrote."""
     log = logger()
     root = Path(paths.pdf_dir)
     files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() == ".pdf"] if root.is_dir() else []
@@ -80,33 +82,37 @@ def run(ingest: IngestParams, paths: Paths) -> list[dict]:
         if h not in first:
             first[h] = name
             todo.append((h, str(path)))
-    results = dict(zip((h for h, _ in todo), map_cached(extract_pdf, todo, ingest, desc="ingest", star=True)))
+    results = map_cached_iter(extract_pdf, todo, ingest, desc="ingest", star=True)  # in `todo` order
+    report, pages = [], 0
 
-    docs, report = [], []
-    for (name, path), h in zip(names, hashes):
-        result = results[h] if first[h] == name else {"skip": f"duplicate of {first[h]}"}
-        if "skip" in result:
-            log.warning(f"ingest: skipped {name}: {result['skip']}")
-            report.append(dict(file=name, status="skipped", reason=result["skip"], doc_id=h, title=None,
-                               pages=None, sections=None, fidelity=None))
-            continue
-        # The cached record knows no path (a renamed file is a cache hit): name it here, title from it last.
-        record = {k: v for k, v in result.items() if k != "fidelity"}
-        record.update(file=name, title=result["title"] or clean(path.stem))
-        docs.append(record)
-        fidelity = {**result["fidelity"], "outline_used": record["outline_used"],
-                    "appendix_found": record["appendix_found"]}
-        report.append(dict(file=name, status="ok", reason=None, doc_id=h, title=record["title"],
-                           pages=record["page_count"], sections=len(record["sections"]), fidelity=fidelity))
+    def records():
+        nonlocal pages
+        for (name, path), h in zip(names, hashes):
+            result = next(results) if first[h] == name else {"skip": f"duplicate of {first[h]}"}
+            if "skip" in result:
+                log.warning(f"ingest: skipped {name}: {result['skip']}")
+                report.append(dict(file=name, status="skipped", reason=result["skip"], doc_id=h, title=None,
+                                   pages=None, sections=None, fidelity=None))
+                continue
+            # The cached record knows no path (a renamed file is a cache hit): name it here, title from it last.
+            record = {k: v for k, v in result.items() if k != "fidelity"}
+            record.update(file=name, title=result["title"] or clean(path.stem))
+            fidelity = {**result["fidelity"], "outline_used": record["outline_used"],
+                        "appendix_found": record["appendix_found"]}
+            report.append(dict(file=name, status="ok", reason=None, doc_id=h, title=record["title"],
+                               pages=record["page_count"], sections=len(record["sections"]), fidelity=fidelity))
+            pages += record["page_count"]
+            yield record
+        next(results, None)  # ends the iterator: its "computed / from cache" log line
+        ok = sum(f["status"] == "ok" for f in report)
+        write_json(paths.ingest_report, {"files": report, "ok": ok, "skipped": len(report) - ok})
+        if not ok:  # raised inside write_jsonl: the last good documents stay
+            raise PipelineError(f"no document could be ingested from {root}: all {len(names)} .pdf files were "
+                                f"skipped (reasons in {paths.ingest_report})")
 
-    write_json(paths.ingest_report, {"files": report, "ok": len(docs), "skipped": len(report) - len(docs)})
-    if not docs:
-        raise PipelineError(f"no document could be ingested from {root}: all {len(names)} .pdf files were "
-                            f"skipped (reasons in {paths.ingest_report})")
-    write_jsonl(paths.documents, docs)
-    log.info(f"ingest: {len(docs)} documents, {len(report) - len(docs)} skipped, "
-             f"{sum(d['page_count'] for d in docs)} pages → {paths.documents}")
-    return docs
+    n = write_jsonl(paths.documents, records())
+    log.info(f"ingest: {n} documents, {len(report) - n} skipped, {pages} pages → {paths.documents}")
+    return n
 
 
 if __name__ == "__main__":

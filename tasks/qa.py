@@ -21,14 +21,16 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
+from itertools import groupby
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import (CACHE, PipelineError, content_hash, logger, map_cached, read_jsonl, run_stage, write_json,
-                          write_jsonl)
+from tasks.common import (CACHE, PipelineError, content_hash, iter_jsonl, logger, map_cached_iter, run_stage,
+                          write_json, write_jsonl)
 from tasks.extractive import extractive_document
 from tasks.params import JudgeParams, Paths, QAParams
 from tasks.teacher import complete, endpoint, strip_fence
@@ -203,18 +205,20 @@ class NearDuplicates:
         return any(self.hashes[k].jaccard(m) >= self.threshold for k in self.lsh.query(m)), m
 
     def add(self, text: str, m=None) -> None:
+        from datasketch import LeanMinHash
+
         key = str(len(self.hashes))
-        self.hashes[key] = m or minhash(text, self.num_perm)
+        # Lean: the hash values only; a MinHash also keeps its own copy of the permutations (twice the memory).
+        self.hashes[key] = LeanMinHash(m or minhash(text, self.num_perm))
         self.lsh.insert(key, self.hashes[key])
 
 
-def select(candidates: list[dict], qa: QAParams) -> tuple[list[dict], Counter]:
+def select(candidates: Iterable[dict], qa: QAParams, dropped: Counter) -> Iterator[dict]:
     """Across the dataset, in order: drop the reasons found per document, near-duplicate questions, and pairs
-    beyond `max_pairs_per_chunk`."""
-    dropped: Counter = Counter()
+    beyond `max_pairs_per_chunk`. Yields the pairs kept and counts the others in `dropped` by reason; only the
+    question index (a MinHash per kept question) stays in memory, never the candidates."""
     index = NearDuplicates(qa.near_duplicate_threshold, qa.minhash_permutations)
     per_chunk: Counter = Counter()
-    kept = []
     for p in candidates:
         if p["drop"]:
             dropped[p["drop"]] += 1
@@ -227,50 +231,76 @@ def select(candidates: list[dict], qa: QAParams) -> tuple[list[dict], Counter]:
         else:
             index.add(question_key(p), m)
             per_chunk[p["chunk_id"]] += 1
-            kept.append({k: v for k, v in p.items() if k != "drop"})
-    return kept, dropped
+            yield {k: v for k, v in p.items() if k != "drop"}
 
 
 # ---------------------------------------------------------------------------------------------- stage
 
 
-def run(qa: QAParams, paths: Paths) -> list[dict]:
-    chunks = read_jsonl(paths.chunks)
-    documents: dict[str, list[dict]] = {}
-    for c in chunks:
-        documents.setdefault(c["doc_id"], []).append(c)
-    offline = qa.backend == "extractive" and not qa.judge.enabled
-    results = map_cached(qa_document_offline if offline else qa_document_task, list(documents.values()), qa,
-                         str(paths.qa_cache), desc=f"qa ({qa.backend})")
-    candidates = [p for r in results for p in r["pairs"]]
-    kept, dropped = select(candidates, qa)
-    requests = {role: {k: sum(r[role].get(k, 0) for r in results) for k in ("cache_hits", "sent", "malformed")}
-                for role in ("teacher", "judge")}
-    verdicts = [p["judge"] for p in candidates if p.get("judge")]
+def documents(chunks: Iterable[dict]) -> Iterator[list[dict]]:
+    """One document's chunks at a time: the chunk stage writes each document's chunks together."""
+    for _, group in groupby(chunks, key=lambda c: c["doc_id"]):
+        yield list(group)
+
+
+def run(qa: QAParams, paths: Paths) -> int:
+    """Streams chunks in and pairs out: a window of documents, the question index and the counts are all it holds
+    in memory at any corpus size. Returns how many pairs it wrote."""
+    counts, dropped, kept_by_kind = Counter(), Counter(), Counter()
+    requests = {role: Counter() for role in ("teacher", "judge")}
+    verdicts: dict[str, Counter] = {c: Counter() for c in CRITERIA}
+    doc_ids, pair_ids = set(), []
+
+    def counted(chunks: Iterator[dict]) -> Iterator[dict]:
+        for c in chunks:
+            counts["chunks"] += 1
+            yield c
+
+    def candidates() -> Iterator[dict]:
+        offline = qa.backend == "extractive" and not qa.judge.enabled
+        for result in map_cached_iter(qa_document_offline if offline else qa_document_task,
+                                      documents(counted(iter_jsonl(paths.chunks))), qa, str(paths.qa_cache),
+                                      desc=f"qa ({qa.backend})"):
+            for role in requests:
+                requests[role].update(result[role])
+            for p in result["pairs"]:
+                counts["generated"] += 1
+                for c in CRITERIA if p.get("judge") else ():
+                    verdicts[c][p["judge"][c]] += 1
+                yield p
+
+    def kept() -> Iterator[dict]:
+        for p in select(candidates(), qa, dropped):
+            p["pair_id"] = content_hash([p["chunk_id"], p["question"], p["answer"]])[:16]
+            pair_ids.append(p["pair_id"])
+            kept_by_kind[p["kind"]] += 1
+            doc_ids.add(p["doc_id"])
+            yield p
+        if not pair_ids:  # raised inside write_jsonl: nothing is replaced, the previous qa.jsonl and report stay
+            raise PipelineError(f"no question-answer pair survived the filters: {counts['generated']} generated, "
+                                f"dropped {dict(sorted(dropped.items()))}, malformed replies "
+                                f"{requests['teacher']['malformed']}")
+
+    n = write_jsonl(paths.qa, kept())
+    requests = {role: {k: c[k] for k in ("cache_hits", "sent", "malformed")} for role, c in requests.items()}
     report = {
         "backend": qa.backend,
         "model": getattr(qa, qa.backend).model if qa.backend != "extractive" else None,
         "judge_model": getattr(qa, qa.judge.backend).model if qa.judge.enabled else None,
-        "chunks": len(chunks),
-        "generated": len(candidates),
-        "malformed_replies": requests["teacher"].get("malformed", 0),
+        "chunks": counts["chunks"],
+        "generated": counts["generated"],
+        "malformed_replies": requests["teacher"]["malformed"],
         "requests": requests,  # per role: cache_hits, sent, malformed (malformed replies are never cached)
-        "judge": {c: dict(sorted(Counter(v[c] for v in verdicts).items())) for c in CRITERIA} if verdicts else {},
+        "judge": {c: dict(sorted(verdicts[c].items())) for c in CRITERIA} if any(verdicts.values()) else {},
         "dropped": dict(sorted(dropped.items())),
-        "kept": len(kept),
-        "kept_by_kind": dict(sorted(Counter(p["kind"] for p in kept).items())),
-        "documents": len({p["doc_id"] for p in kept}),
+        "kept": n,
+        "kept_by_kind": dict(sorted(kept_by_kind.items())),
+        "documents": len(doc_ids),
+        "dataset_hash": content_hash(pair_ids),
     }
-    if not kept:  # nothing is written: the previous qa.jsonl and report stay
-        raise PipelineError(f"no question-answer pair survived the filters: {report['generated']} generated, "
-                            f"dropped {report['dropped']}, malformed replies {report['malformed_replies']}")
-    for p in kept:
-        p["pair_id"] = content_hash([p["chunk_id"], p["question"], p["answer"]])[:16]
-    report["dataset_hash"] = content_hash([p["pair_id"] for p in kept])
-    write_jsonl(paths.qa, kept)
     write_json(paths.qa_report, report)
-    logger().info(f"qa: {len(candidates)} generated, {len(kept)} kept; requests {requests}")
-    return kept
+    logger().info(f"qa: {report['generated']} generated, {n} kept; requests {requests}")
+    return n
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -178,7 +179,8 @@ def test_qa_filters_and_near_duplicates_drop_and_count(data):
                       ('In "T1", what is DPO?', "c1", "d1", "T1"), ('In "T1", what is SFT?', "c1", "d1", "T1"),
                       ('In "T2", what is DPO?', "c2", "d2", "T2")]]  # the same question about another paper
     candidates.append({**candidates[0], "drop": "answer_length"})
-    kept, dropped = qa.select(candidates, data.qa)
+    dropped = Counter()
+    kept = list(qa.select(candidates, data.qa, dropped))
     assert [k["question"] for k in kept] == [q, 'In "T1", what is DPO?', 'In "T1", what is SFT?',
                                              'In "T2", what is DPO?']
     assert dropped == {"near_duplicate_question": 1, "answer_length": 1}

@@ -53,8 +53,9 @@ def sample(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ingest-sample")
     p = make_params(tmp)
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp / "prefect-results"}):
-        docs = in_flow(ingest.run, p.ingest, p.paths)
-    return {d["file"]: d for d in docs}, read_json(p.paths.ingest_report), read_jsonl(p.paths.documents), docs
+        n = in_flow(ingest.run, p.ingest, p.paths)
+    docs = read_jsonl(p.paths.documents)
+    return {d["file"]: d for d in docs}, read_json(p.paths.ingest_report), docs, n
 
 
 def doc_of(sample, paper) -> dict:
@@ -64,7 +65,7 @@ def doc_of(sample, paper) -> dict:
 def test_sample_corpus_all_ingested(sample):
     by_file, report, written, returned = sample
     assert report["ok"] == len(MANIFEST) and report["skipped"] == 0
-    assert written == returned  # the JSONL is exactly what the stage returns, in input (sorted path) order
+    assert len(written) == returned  # the stage returns how many records it wrote, in input (sorted path) order:
     assert [d["file"] for d in written] == sorted(Path(m["file"]).name for m in MANIFEST)
     for entry, doc in zip(report["files"], written):
         assert doc["doc_id"] == sha256_file(SAMPLE_PDFS / doc["file"])
@@ -413,7 +414,8 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path, fresh_cache):
     plain_page_pdf(pdfs / "untitled.pdf", body, "https://arxiv.org/pdf/2106.09685v2")
     bad_inputs(pdfs)
     p = make_params(tmp_path, pdf_dir=pdfs)
-    docs = in_flow(ingest.run, p.ingest, p.paths)
+    assert in_flow(ingest.run, p.ingest, p.paths) == 3
+    docs = read_jsonl(p.paths.documents)
 
     report = read_json(p.paths.ingest_report)
     reasons = {f["file"]: f["reason"] for f in report["files"]}
@@ -427,8 +429,7 @@ def test_bad_inputs_are_skipped_and_reported(tmp_path, fresh_cache):
     assert reasons["sub/copy.pdf"] == "duplicate of a.pdf"
     assert (report["ok"], report["skipped"]) == (3, 5)
     assert all(f["status"] == ("ok" if f["reason"] is None else "skipped") for f in report["files"])
-    assert [d["file"] for d in docs] == ["a.pdf", "sub/b.pdf", "untitled.pdf"] == [
-        d["file"] for d in read_jsonl(p.paths.documents)]
+    assert [d["file"] for d in docs] == ["a.pdf", "sub/b.pdf", "untitled.pdf"]
     assert docs[2]["title"] == "untitled"  # metadata title was a URL: the file name stands in
 
 
@@ -460,7 +461,8 @@ def test_file_names_and_titles_lose_control_characters(tmp_path, fresh_cache):
     body = [f"Body line {i} of a paper whose metadata title is a URL." for i in range(6)]
     plain_page_pdf(pdfs / "evil\n\x1b[31mname.pdf", body, "https://arxiv.org/pdf/2106.09685v2")
     p = make_params(tmp_path, pdf_dir=pdfs)
-    [doc] = in_flow(ingest.run, p.ingest, p.paths)
+    in_flow(ingest.run, p.ingest, p.paths)
+    [doc] = read_jsonl(p.paths.documents)
     assert doc["file"] == "evil\ufffd\ufffd[31mname.pdf"
     assert read_json(p.paths.ingest_report)["files"][0]["file"] == doc["file"]
     assert doc["title"] == "evil [31mname"  # the file name stands in for the title, cleaned the same way
@@ -488,9 +490,11 @@ def test_renamed_file_is_a_cache_hit(tmp_path, fresh_cache, monkeypatch):
     pdfs.mkdir()
     shutil.copy(SAMPLE_PDFS / Path(MANIFEST[0]["file"]).name, pdfs / "paper.pdf")
     p = make_params(tmp_path, pdf_dir=pdfs)
-    first = in_flow(ingest.run, p.ingest, p.paths)
+    in_flow(ingest.run, p.ingest, p.paths)
+    first = read_jsonl(p.paths.documents)
     (pdfs / "paper.pdf").rename(pdfs / "renamed.pdf")
-    second = in_flow(ingest.run, p.ingest, p.paths)
+    in_flow(ingest.run, p.ingest, p.paths)
+    second = read_jsonl(p.paths.documents)
     assert len(calls) == 1  # the second run extracted nothing
     assert second[0]["file"] == "renamed.pdf" and {**second[0], "file": "paper.pdf"} == first[0]
     changed = make_params(tmp_path, pdf_dir=pdfs, ingest={"min_chars": p.ingest.min_chars + 1})

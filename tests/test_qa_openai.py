@@ -140,7 +140,7 @@ def test_openai_backend_generates_retries_bounds_and_counts_malformed(tmp_path, 
     with caplog.at_level("DEBUG"):
         kept = in_flow(qa.run, p.qa, p.paths)
     report = read_json(p.paths.qa_report)
-    assert report["malformed_replies"] == 1 and report["generated"] == 11 and report["kept"] == len(kept) == 11
+    assert report["malformed_replies"] == 1 and report["generated"] == 11 and report["kept"] == kept == 11
     assert report["requests"]["teacher"] == {"cache_hits": 0, "sent": 12, "malformed": 1}
     assert server.requests == 12 + 2  # two 503s retried with backoff
     assert server.max_in_flight <= p.qa.openai.max_concurrency  # the bound holds although more threads run
@@ -182,7 +182,7 @@ def test_html_bodies_are_retried_then_fail_in_one_line(tmp_path, server, monkeyp
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     p, chunks = setup(tmp_path, server, n_chunks=3, max_retries=2)
     server.html = "first"  # a proxy's error page once per text: retried like a 5xx
-    assert len(in_flow(qa.run, p.qa, p.paths)) == 3 and server.requests == 6
+    assert in_flow(qa.run, p.qa, p.paths) == 3 and server.requests == 6
     p2, _ = setup(tmp_path / "b", server, n_chunks=1, max_retries=2)
     server.html, server.requests = "always", 0
     with pytest.raises(PipelineError, match=r"^teacher endpoint http://127\.0\.0\.1:\d+/v1 \(model fake\) failed "
@@ -194,8 +194,8 @@ def test_html_bodies_are_retried_then_fail_in_one_line(tmp_path, server, monkeyp
 def test_judge_rates_each_pair_and_the_keep_rule_is_a_param(tmp_path, server, monkeypatch, fresh_cache):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     p, chunks = setup(tmp_path, server, judge=True)
-    kept = in_flow(qa.run, p.qa, p.paths)
-    report = read_json(p.paths.qa_report)
+    in_flow(qa.run, p.qa, p.paths)
+    kept, report = read_jsonl(p.paths.qa), read_json(p.paths.qa_report)
     assert report["dropped"] == {"judge_faithfulness": 1}  # Method3's pair; the malformed chunk gave no pair
     assert len(kept) == 10 and not any(k["question"].startswith("What does Method3") for k in kept)
     assert all(k["judge"] == {"faithfulness": 5, "self_contained": 5, "usefulness": 4} for k in kept)
