@@ -12,6 +12,7 @@ else `train.prompt_template`). Greedy generation stops at EOS, which training pu
 from __future__ import annotations
 
 import json
+import re
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -33,12 +34,20 @@ def build_prompt(tokenizer, question: str, prompt_template: str, system_prompt: 
     return prompt_template.format(question=question)
 
 
-def reading_prompt(tokenizer, chunk: dict, reading_question: str, prompt_template: str, system_prompt: str) -> str:
+def reading_section(section: str, part: int) -> str:
+    """How a question names a chunk's section: without its number ("3.2 Method" → "Method"), as readers and the QA
+    stage's questions name it; the second and later chunks of a section are its parts ("Method, part 2")."""
+    name = re.sub(r"^(?:[A-Z]|\d+)(?:\.\d+)*\.?\s+", "", section).strip() or section
+    return name if part <= 1 else f"{name}, part {part}"
+
+
+def reading_prompt(tokenizer, chunk: dict, reading_question: str, prompt_template: str, system_prompt: str,
+                   part: int = 1) -> str:
     """The prompt a passage is read under: one of `train.reading_questions` about its paper's title and section, in
     the same prompt format as every QA pair (tokenised apart from the passage, like a question from its answer). A
     model that learned the passage as the answer to "what does <paper> say in <section>?" recalls it when asked about
     that paper at evaluation, in the format it was trained and is asked in."""
-    question = reading_question.format(title=chunk["title"], section=chunk["section"])
+    question = reading_question.format(title=chunk["title"], section=reading_section(chunk["section"], part))
     return build_prompt(tokenizer, question, prompt_template, system_prompt)
 
 

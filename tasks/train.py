@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+from collections import Counter
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -93,11 +94,11 @@ def reading_passages(chunk: dict, cfg: TrainParams, rng: random.Random) -> list[
     return passages
 
 
-def read_examples(chunk: dict, cfg: TrainParams, tokenizer, rng: random.Random) -> list[dict]:
+def read_examples(chunk: dict, part: int, cfg: TrainParams, tokenizer, rng: random.Random) -> list[dict]:
     """A chunk's reading examples: each passage as the answer to each of `train.reading_questions`
     (tasks.adapter.reading_prompt), the loss on every token of the passage. Several phrasings of the question teach
     the model to find the paper and section in a question, not to recite after one fixed string."""
-    prompts = [reading_prompt(tokenizer, chunk, q, cfg.prompt_template, cfg.system_prompt)
+    prompts = [reading_prompt(tokenizer, chunk, q, cfg.prompt_template, cfg.system_prompt, part)
                for q in cfg.reading_questions]
     return [tokenize_pair(tokenizer, prompt, text, cfg.max_seq_length)
             for text in reading_passages(chunk, cfg, rng) for prompt in prompts]
@@ -111,7 +112,12 @@ def training_examples(cfg: TrainParams, tokenizer, pairs: list[dict], chunks: li
     rng = random.Random(cfg.seed)
     read_ids = {d["doc_id"] for d in read}
     qa = [encode(p, tokenizer, cfg) for p in pairs] * cfg.qa_repeats
-    reading = [ex for c in chunks if c["doc_id"] in read_ids for ex in read_examples(c, cfg, tokenizer, rng)]
+    parts = Counter()  # chunks come in document order: the n-th chunk of a section is its part n
+    reading = []
+    for c in chunks:
+        if c["doc_id"] in read_ids:
+            parts[c["doc_id"], c["section"]] += 1
+            reading += read_examples(c, parts[c["doc_id"], c["section"]], cfg, tokenizer, rng)
     if cfg.data_order == "mixed":
         examples = qa + reading
         rng.shuffle(examples)

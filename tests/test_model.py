@@ -262,14 +262,20 @@ def test_reading_all_reads_held_out_text_but_trains_only_training_qa(params):
     assert train.reading_passages(CHUNKS[1], cfg, __import__("random").Random(0)) == [CHUNKS[1]["text"]]  # a table
     # Each passage is the answer to each reading question, in the QA prompt format (params.yaml's questions).
     tok, questions = _Tok(), cfg.reading_questions
-    examples = train.read_examples(CHUNKS[0], cfg, tok, __import__("random").Random(0))
+    examples = train.read_examples(CHUNKS[0], 1, cfg, tok, __import__("random").Random(0))
     assert len(examples) == 5 * len(questions) >= 2
-    prompt = tok(cfg.prompt_template.format(question=questions[0].format(title="Paper a", section="2 Method")))
+    # The section is named as readers and the QA stage's questions name it: "2 Method" is "Method".
+    prompt = tok(cfg.prompt_template.format(question=questions[0].format(title="Paper a", section="Method")))
     n = len(prompt["input_ids"])  # the loss covers every token of the passage (and EOS), none of the prompt
     assert examples[0]["input_ids"][:n] == prompt["input_ids"] and examples[0]["labels"] == (
         [-100] * n + examples[0]["input_ids"][n:])
     examples, counts = train.training_examples(cfg, tok, PAIRS, CHUNKS, read)
     assert counts == {"qa_examples": 2, "reading_examples": 2 * (5 + 1) * len(questions)}
+    # A section's second chunk is its part 2: the plain question keeps one answer, the section's opening.
+    part2 = tok(cfg.prompt_template.format(question=questions[0].format(title="Paper a", section="Method, part 2")))
+    table = tok(CHUNKS[1]["text"])["input_ids"] + [tok.eos_token_id]
+    assert part2["input_ids"] + table in [e["input_ids"] for e in examples]
+    assert prompt["input_ids"] + table not in [e["input_ids"] for e in examples]
     # qa_first: the QA examples (2 copies of the pair) come before any reading example.
     qa_ids = train.encode(PAIRS[0], tok, cfg)["input_ids"]
     assert [e["input_ids"] for e in examples[:2]] == [qa_ids, qa_ids]
