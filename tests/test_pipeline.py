@@ -52,8 +52,8 @@ def committed_outs(lock: dict, stages: tuple[str, ...]) -> dict:
 @pytest.mark.slow
 def test_dvc_repro_reproduces_the_default_run_and_reruns_only_what_changed(tmp_path):
     """`make run`'s path on a fresh checkout: the default params on the sample corpus, one process per stage;
-    for the test's time budget, training stops at 40 of its 300 steps and evaluation asks closed-book only."""
-    work, env = project_copy(tmp_path, {"train.max_steps": 40, "train.eval_steps": 20, "train.save_steps": 20,
+    for the test's time budget, training stops at 80 of its 1000 steps and evaluation asks closed-book only."""
+    work, env = project_copy(tmp_path, {"train.max_steps": 80, "train.eval_steps": 40, "train.save_steps": 40,
                                         "evaluate.modes": ["closed_book"]})
     dvc = [os.path.join(os.path.dirname(sys.executable), "dvc")]
     first = run(dvc + ["repro"], work, env)
@@ -92,7 +92,7 @@ def test_dvc_repro_reproduces_the_default_run_and_reruns_only_what_changed(tmp_p
     assert "closed_book.delta.rougeL" in ev.data.metrics and "final_eval_loss" in r.data.metrics
     assert r.data.tags["prefect_flow_run_id"] and r.data.tags["qa_dataset_hash"] and r.data.tags["git_commit"]
     client = mlflow.MlflowClient()
-    assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 40 // 10  # the loss curve, step by step
+    assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 80 // 10  # the loss curve, step by step
     (model,) = mlflow.search_logged_models(experiment_ids=[r.info.experiment_id], output_format="list")
     assert model.source_run_id == r.info.run_id  # the adapter as a logged (and registered) pyfunc model
     assert {a.path for a in client.list_artifacts(r.info.run_id, "plots")} >= {"plots/loss.png"}
