@@ -12,14 +12,13 @@ else `train.prompt_template`). Greedy generation stops at EOS, which training pu
 from __future__ import annotations
 
 import json
-import re
 import threading
 from functools import lru_cache
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tasks.common import PipelineError, read_json
+from tasks.common import PipelineError, bare_section, read_json
 
 META = "papertune.json"  # how the adapter was made and how to prompt it (written by train, read by everyone else)
 
@@ -37,7 +36,7 @@ def build_prompt(tokenizer, question: str, prompt_template: str, system_prompt: 
 def reading_section(section: str, part: int) -> str:
     """How a question names a chunk's section: without its number ("3.2 Method" → "Method"), as readers and the QA
     stage's questions name it; the second and later chunks of a section are its parts ("Method, part 2")."""
-    name = re.sub(r"^(?:[A-Z]|\d+)(?:\.\d+)*\.?\s+", "", section).strip() or section
+    name = bare_section(section) or section
     return name if part <= 1 else f"{name}, part {part}"
 
 

@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -47,6 +48,14 @@ class _OneLinePipelineErrors(logging.Filter):
         if record.exc_info and isinstance(record.exc_info[1], PipelineError):
             record.exc_info, record.exc_text = None, None
         return True
+
+
+_SECTION_NUMBER = re.compile(r"^(?:[A-Z]|\d+)(?:\.\d+)*\.?\s+")
+
+
+def bare_section(section: str) -> str:
+    """A heading without its number, as a reader names it: "3.2 Method" → "Method", "A.1 Proofs" → "Proofs"."""
+    return _SECTION_NUMBER.sub("", section).strip()
 
 
 def shown(text: object) -> str:

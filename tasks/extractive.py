@@ -19,6 +19,7 @@ import re
 from collections import Counter
 
 from tasks.chunk import split_sentences
+from tasks.common import bare_section
 
 # Words that open sentences but never name a method, model or dataset.
 _NOT_NAMES = set("""A An The This That These Those It Its They Their Them There Here We Our Us You Your He She His Her
@@ -189,7 +190,7 @@ _NO_SECTION_QUESTION = re.compile(r"acknowledg|contribution|funding|prompt|templ
 
 def section_name(section: str) -> str | None:
     """ "3.2 Method" → "Method"; None for headings that are not a section name (sentences, page numbers)."""
-    name = re.sub(r"^(?:[A-Z]|\d+)(?:\.\d+)*\.?\s+", "", section).strip().rstrip(".")
+    name = bare_section(section).rstrip(".")
     name = re.sub(r"\s+\d+$", "", name)  # "Introduction 4": a table-of-contents entry's page number
     words = name.split()
     if _NO_SECTION_QUESTION.search(name):
