@@ -57,19 +57,24 @@ print("RESULT", seconds, pages, sum(1 for _ in open(p.paths.chunks)), read_json(
 """
 
 
+def status_mb(pid: int, field: str) -> float:
+    """A memory line of /proc/<pid>/status in MB ("VmRSS": resident now, "VmHWM": its peak so far)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith(field)).split()[1]) / 1024
+
+
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of a process and all its descendants (process-pool workers, the tokenizer's threads)."""
-    total, todo = 0, [pid]
+    total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()
         try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1])
+            total += status_mb(p, "VmRSS")
             for t in os.listdir(f"/proc/{p}/task"):
                 todo += [int(c) for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
         except (OSError, StopIteration):
             continue
-    return total / 1024
+    return total
 
 
 def task_runs(api: str) -> int:
@@ -90,8 +95,7 @@ def run_case(corpus: Path, out: Path, runner: str, env: dict, api: str) -> dict:
         while proc.poll() is None:
             peak[0] = max(peak[0], tree_rss_mb(proc.pid))
             try:
-                status = Path(f"/proc/{proc.pid}/status").read_text()
-                peak[1] = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) / 1024
+                peak[1] = status_mb(proc.pid, "VmHWM")
             except (OSError, StopIteration):
                 pass
             time.sleep(0.2)

@@ -128,18 +128,34 @@ def save_template(db: Path) -> None:
     template = migrated_template()
     if template.is_file() or not db.is_file():
         return
-    partial = template.with_name(f"{template.name}.{os.getpid()}.tmp")  # a concurrent reader never sees half of it
     try:
-        template.parent.mkdir(parents=True, exist_ok=True)
+        copy_database(db, template)
+    except (OSError, sqlite3.Error):  # an optimisation only (a read-only cache, a full disk): nothing is lost
+        pass
+
+
+def copy_database(db: Path, dest: Path) -> None:
+    """A consistent copy of a SQLite database the server may have open (sqlite3's backup), written to a temp file
+    and renamed: a concurrent reader never sees half of it."""
+    import sqlite3
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    try:
         src, dst = sqlite3.connect(db), sqlite3.connect(partial)
         try:
-            src.backup(dst)  # consistent while the server has it open
+            src.backup(dst)
         finally:
             src.close()
             dst.close()
-        partial.replace(template)
-    except (OSError, sqlite3.Error):  # an optimisation only (a read-only cache, a full disk): nothing is lost
+        partial.replace(dest)
+    finally:
         partial.unlink(missing_ok=True)
+
+
+def _migrates_new_database(db: Path | None) -> bool:
+    """True when the server about to start creates and migrates a database and no template exists to seed it."""
+    return db is not None and not db.exists() and not migrated_template().is_file()
 
 
 def _database_ok(db: Path) -> bool:
@@ -233,7 +249,7 @@ def local_server(timeout: float = 90, services: bool = False) -> Iterator[str]:
         yield url
         return
     db = _database_path()
-    new = db is not None and not db.exists() and not migrated_template().is_file()
+    new = _migrates_new_database(db)
     server = start_server(services=services)
     try:
         wait_ready(server.url, timeout, server.process)
@@ -288,7 +304,7 @@ def main(argv: list[str]) -> int:
             sys.exit(f"error: {e}")
     log = tempfile.NamedTemporaryFile(prefix="papertune-prefect-server-", suffix=".log", delete=False)
     db = _database_path()
-    new = db is not None and not db.exists() and not migrated_template().is_file()
+    new = _migrates_new_database(db)
     server = start_server(log=log.name)
     if new:  # wait for the migrations before any stage writes a run, and keep the migrated database as the template
         wait_ready(server.url, 120, server.process)

@@ -30,7 +30,7 @@ os.environ.pop("PREFECT_API_URL", None)
 # Its database starts as a copy of a migrated, empty one kept per Prefect version in the user's cache
 # (tasks.prefect_server.migrated_template): the server is ready in ~5 s instead of ~14 s; a fresh machine, like CI's,
 # pays the migrations once.
-from tasks.prefect_server import migrated_template, save_template, start_server, stop_server, wait_ready  # noqa: E402
+from tasks.prefect_server import copy_database, save_template, start_server, stop_server, wait_ready  # noqa: E402
 
 _SERVER = start_server(log=_SESSION_TMP / "prefect-server.log")
 os.environ["PREFECT_API_URL"] = _SERVER.url
@@ -80,7 +80,7 @@ def prefect_server() -> str:
     wait_ready(_SERVER.url, 120, _SERVER.process)
     db = _SESSION_TMP / "prefect" / "prefect.db"
     save_template(db)  # when there was none: the server has migrated this one and holds no runs yet
-    shutil.copy(migrated_template(), _EMPTY_DB)
+    copy_database(db, _EMPTY_DB)
     return _SERVER.url
 
 
