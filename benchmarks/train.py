@@ -86,7 +86,7 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
     while training (the peak is reset after loading through /proc/self/clear_refs), tokens/s and the last loss.
     loss "kept": the pipeline's (tasks/loss.py: logits only where the next token is learned, frozen embedding in
     the compute dtype); "full": logits at every position and the embedding left in fp32 (before issue 10)."""
-    from tasks.loss import selective_loss, with_loss_positions
+    from tasks.loss import LinearCrossEntropy, with_loss_positions
 
     p = load_params()
     # bf16 compute for both, so that only the storage of the frozen base differs.
@@ -112,11 +112,12 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
     labels = ids.clone()
     labels[:, :192] = -100  # QA rows: a 192-token prompt, a 64-token answer (completion-only loss)
     batch = with_loss_positions(lambda _: {"input_ids": ids, "labels": labels})(None)
+    loss_func = LinearCrossEntropy(model) if loss == "kept" else None
     start = time.perf_counter()
     for _ in range(steps):
         if loss == "kept":
             out = model(input_ids=ids, logits_to_keep=batch["logits_to_keep"])
-            value = selective_loss(out, labels)
+            value = loss_func(out, labels)
         else:
             value = model(input_ids=ids, labels=labels).loss
         value.backward()

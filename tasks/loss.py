@@ -1,19 +1,24 @@
-"""The training loss, computed only where it counts: logits for the positions whose next token is learned.
+"""The training loss, computed only where it counts, a chunk of rows at a time.
 
 Used by tasks/train.py (the Trainer's collator and `compute_loss_func`) and benchmarks/train.py.
 
 A causal LM's head turns every position into a vocabulary-sized row of logits: for Qwen2.5-0.5B's 152k vocabulary
 at batch 4 x 256 that is 1,024 x 152k floats (0.6 GB in fp32, more with its gradient), the largest tensor of a
-LoRA step, most of it thrown away under completion-only loss (prompt positions carry label -100). transformers 5
-lets `logits_to_keep` take a boolean (batch, sequence) mask: the head then runs only on the kept positions. Here
-a position is kept when the token after it is learned: answer positions for QA pairs, every position of a
-document's text. The loss is the same mean cross-entropy the model's own loss computes (a test checks).
+LoRA step, most of it thrown away under completion-only loss (prompt positions carry label -100). Two steps:
+- transformers 5 lets `logits_to_keep` take a boolean (batch, sequence) mask: the model's last hidden states are
+  taken only at the kept positions, those whose next token is learned (answer positions for QA pairs, every position
+  of a document's text);
+- the head itself moves into the loss (torchtune's LinearCrossEntropyLoss pattern: the model skips its output
+  layer, the loss applies it): `LinearCrossEntropy` projects a chunk of kept rows at a time and recomputes each
+  chunk in backward, so at most one chunk of logits (and its gradient) is ever alive, in whatever dtype.
+The loss is the same mean cross-entropy the model's own loss computes, with the same gradients (a test checks).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # the label of positions that are not learned (prompt, padding, the first token of a packed example)
 
@@ -36,16 +41,46 @@ def with_loss_positions(collate):
     return collate_with_positions
 
 
-def selective_loss(outputs, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None):
-    """Cross-entropy of the kept logits (flattened in row order, as `logits_to_keep` returns them) against their
-    next tokens; summed and divided by the learned tokens of the whole accumulated batch when the Trainer says how
-    many (gradient accumulation), else averaged over this batch."""
-    targets = labels[:, 1:][labels[:, 1:] != IGNORE]
-    logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
-    loss = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
-    if num_items_in_batch is None:
-        return loss / max(targets.numel(), 1)
-    return loss / num_items_in_batch
+# Logit elements per chunk: 8M (32 MB in fp32) is 55 rows at a 152k vocabulary; the builtin model's 2k vocabulary
+# fits a whole batch in one chunk, which then runs without recomputation.
+CHUNK_LOGITS = 2**23
+
+
+class LinearCrossEntropy:
+    """The Trainer's `compute_loss_func` for a model whose head was moved into the loss (`LinearCrossEntropy(model)`
+    makes the head return its input): `outputs.logits` then holds the final hidden states of the kept positions,
+    flattened in row order. Written here because the libraries that fuse head and loss (Liger, Cut Cross-Entropy)
+    need Triton/CUDA and torchtune's works on its own models; this is torch.utils.checkpoint around each chunk."""
+
+    def __init__(self, model, chunk_logits: int = CHUNK_LOGITS):
+        head = model.get_output_embeddings()
+        self.project = head.forward  # the head's own computation (LoRA'd or trained copies included)
+        head.forward = _final_hidden_states  # the instance's forward only: weights, state_dict and hooks stay
+        self.rows = max(1, chunk_logits // model.config.get_text_config().vocab_size)
+
+    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None):
+        """Cross-entropy of the kept positions against their next tokens; summed and divided by the learned tokens
+        of the whole accumulated batch when the Trainer says how many (gradient accumulation), else averaged over
+        this batch."""
+        targets = labels[:, 1:][labels[:, 1:] != IGNORE]
+        hidden = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+        targets = targets.to(hidden.device)
+        if len(hidden) <= self.rows:
+            loss = _cross_entropy_sum(self.project, hidden, targets)
+        else:
+            loss = sum(checkpoint(_cross_entropy_sum, self.project, h, t, use_reentrant=False)
+                       for h, t in zip(hidden.split(self.rows), targets.split(self.rows)))
+        if num_items_in_batch is None:
+            return loss / max(targets.numel(), 1)
+        return loss / num_items_in_batch
+
+
+def _final_hidden_states(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+def _cross_entropy_sum(project, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(project(hidden).float(), targets, reduction="sum")
 
 
 def frozen_embeddings_to(model, dtype: torch.dtype) -> int:

@@ -397,7 +397,7 @@ def train_adapter(cfg: TrainParams, mlflow_cfg: MLflowParams, paths: Paths, reco
     import torch
     from transformers import Trainer
 
-    from tasks.loss import selective_loss, with_loss_positions
+    from tasks.loss import LinearCrossEntropy, with_loss_positions
 
     torch.manual_seed(cfg.seed)
     tokenizer, train_ds, eval_ds, read, counts = setup_data(cfg, paths)
@@ -412,7 +412,8 @@ def train_adapter(cfg: TrainParams, mlflow_cfg: MLflowParams, paths: Paths, reco
         trainer = Trainer(model=model, args=training_arguments(cfg, Path(paths.checkpoints), torch.cuda.is_available()),
                           train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=with_loss_positions(collator(tokenizer, cfg.packing, cfg.max_seq_length)),
-                          compute_loss_func=selective_loss, callbacks=log.callbacks)  # logits only where learned
+                          compute_loss_func=LinearCrossEntropy(model),  # logits only where learned, by chunks
+                          callbacks=log.callbacks)
         if resume:
             logger().info(f"train: resuming from {resume}")
         result = trainer.train(resume_from_checkpoint=resume)

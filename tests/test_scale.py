@@ -82,14 +82,14 @@ def test_make_serve_uses_the_deployment_of_prefect_yaml():
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
 
 
-def test_loss_on_kept_logits_equals_the_models_own_loss():
-    """Training computes logits only where the next token is learned (answers; all of a document's text):
-    the same loss as the model's own on full logits, packed or padded, from a fraction of the head's work. Packed
-    rows (tasks.train.pack_rows) give the same loss as one padded row per example: no example sees another."""
+def test_loss_on_kept_positions_by_chunks_equals_the_models_own_loss():
+    """Training projects only the positions whose next token is learned (answers; all of a document's text), a few
+    rows at a time: the same loss and the same gradients as the model's own loss on full logits, packed or padded.
+    Packed rows (tasks.train.pack_rows) give the same loss as one padded row per example: no example sees another."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.loss import selective_loss, with_loss_positions
+    from tasks.loss import LinearCrossEntropy, with_loss_positions
     from tasks.train import pack_rows
 
     torch.manual_seed(0)
@@ -106,13 +106,21 @@ def test_loss_on_kept_logits_equals_the_models_own_loss():
                                       for ex in (qa, text, more)]),
               "attention_mask": torch.tensor([[1] * len(ex["input_ids"]) + [0] * (20 - len(ex["input_ids"]))
                                               for ex in (qa, text, more)])}
-    losses = []
-    for batch in (packed, padded):
-        full = model(**batch).loss
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [w.grad.clone() for w in model.parameters()]
+
+    full = [loss_and_grads(lambda: model(**batch).loss) for batch in (packed, padded)]
+    loss_func = LinearCrossEntropy(model, chunk_logits=512 * 4)  # 4 rows a chunk: 25 kept rows make 7 chunks
+    for batch, (full_loss, full_grads) in zip((packed, padded), full):
         kept = with_loss_positions(lambda _: dict(batch))(None)
         labels = kept.pop("labels")
-        out = model(**kept)
-        assert out.logits.shape[-2] == int((labels[:, 1:] != -100).sum()) < labels.numel()
-        assert torch.allclose(selective_loss(out, labels), full, atol=1e-5), (selective_loss(out, labels), full)
-        losses.append(full)
-    assert torch.allclose(*losses, atol=1e-5), losses
+        with torch.no_grad():  # the head is in the loss: the model returns the kept positions' hidden states
+            assert model(**kept).logits.shape == (int((labels[:, 1:] != -100).sum()), 64)
+        loss, grads = loss_and_grads(lambda: loss_func(model(**kept), labels))
+        assert torch.allclose(loss, full_loss, atol=1e-5), (loss, full_loss)
+        assert all(torch.allclose(g, f, atol=1e-5) for g, f in zip(grads, full_grads))
+    assert torch.allclose(full[0][0], full[1][0], atol=1e-5), full
