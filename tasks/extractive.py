@@ -79,9 +79,12 @@ _REFERENCE = re.compile(r"arXiv|preprint|Proceedings|In Advances|Conference on|h
                         r"\bpp\.\s*\d|\bvol\.\s*\d", re.I)
 _TOC = re.compile(r"(?:\.\s){3,}|\.{4,}")
 _MATH = re.compile(r"[=∑∏∫θπλαβγδσμτφψωΔ∈≤≥≈×→←∀∃⊂∗·|^_{}\\]")
-_EXAMPLE = re.compile(r"\bPrompt format\b|\bExample prompt\b|\bDataset features\b|^Prompt |\b(?:Instruction|Input|Output|Response|Human|Assistant|USER|ASSISTANT|Answer|Question|"
+# "Prompt Below is an instruction ..." opens a prompt example; "Prompt tuning removes ..." is prose.
+_EXAMPLE = re.compile(r"\bPrompt format\b|\bExample prompt\b|\bDataset features\b|^Prompt (?![a-z])|\b(?:Instruction|Input|Output|Response|Human|Assistant|USER|ASSISTANT|Answer|Question|"
                       r"Prompt|Context)\s*:|###|<\|")
-_POINTER = re.compile(r"\b(?:below|as follows|the following|aforementioned|in more detail)\b", re.I)
+# "described below" points elsewhere; "below a billion parameters" and "slightly below fine-tuning" compare.
+_POINTER = re.compile(r"\b(?:(?:shown|described|listed|given|discussed|explained|detailed|defined|presented|see|as) below"
+                      r"|below(?=\s*[.:;,)])|as follows|the following|aforementioned|in more detail)\b", re.I)
 _NUMBER = re.compile(r"^[\d.,%±()\-–]+$")
 
 
