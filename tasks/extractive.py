@@ -80,11 +80,12 @@ _REFERENCE = re.compile(r"arXiv|preprint|Proceedings|In Advances|Conference on|h
 _TOC = re.compile(r"(?:\.\s){3,}|\.{4,}")
 _MATH = re.compile(r"[=∑∏∫θπλαβγδσμτφψωΔ∈≤≥≈×→←∀∃⊂∗·|^_{}\\]")
 # "Prompt Below is an instruction ..." opens a prompt example; "Prompt tuning removes ..." is prose.
-_EXAMPLE = re.compile(r"\bPrompt format\b|\bExample prompt\b|\bDataset features\b|^Prompt (?![a-z])|\b(?:Instruction|Input|Output|Response|Human|Assistant|USER|ASSISTANT|Answer|Question|"
+_EXAMPLE = re.compile(r"\bPrompt format\b|\bExample prompt\b|\bDataset features\b|^Prompt (?![a-z])|"
+                      r"\b(?:Instruction|Input|Output|Response|Human|Assistant|USER|ASSISTANT|Answer|Question|"
                       r"Prompt|Context)\s*:|###|<\|")
 # "described below" points elsewhere; "below a billion parameters" and "slightly below fine-tuning" compare.
-_POINTER = re.compile(r"\b(?:(?:shown|described|listed|given|discussed|explained|detailed|defined|presented|see|as) below"
-                      r"|below(?=\s*[.:;,)])|as follows|the following|aforementioned|in more detail)\b", re.I)
+_POINTER = re.compile(r"\b(?:(?:shown|described|listed|given|discussed|explained|detailed|defined|presented|see|as)"
+                      r" below|below(?=\s*[.:;,)])|as follows|the following|aforementioned|in more detail)\b", re.I)
 _NUMBER = re.compile(r"^[\d.,%±()\-–]+$")
 
 
@@ -112,7 +113,9 @@ def prose(sentence: str) -> bool:
     if sum(w.islower() for w in words) < 0.4 * len(words):  # a run of names and numbers from a figure, not prose
         return False
     letters = sum(ch.isalpha() for ch in sentence)
-    return letters >= 0.7 * len(sentence.replace(" ", "")) and sum(bool(_NUMBER.match(w)) for w in words) <= 5
+    # A table row is mostly numbers; a long sentence may give ranges ("900 to 330,000 examples, 2 to 157 classes").
+    numbers = sum(bool(_NUMBER.match(w)) for w in words)
+    return letters >= 0.7 * len(sentence.replace(" ", "")) and numbers <= max(5, len(words) // 5)
 
 
 def names_in(chunks: list[dict]) -> tuple[Counter, str]:
