@@ -52,7 +52,7 @@ def committed_outs(lock: dict, stages: tuple[str, ...]) -> dict:
 @pytest.mark.slow
 def test_dvc_repro_reproduces_the_default_run_and_reruns_only_what_changed(tmp_path):
     """`make run`'s path on a fresh checkout: the default params on the sample corpus, one process per stage;
-    for the test's time budget, training stops at 80 of its 1000 steps and evaluation asks closed-book only."""
+    for the test's time budget, training stops at 80 of its 1200 steps and evaluation asks closed-book only."""
     work, env = project_copy(tmp_path, {"train.max_steps": 80, "train.eval_steps": 40, "train.save_steps": 40,
                                         "evaluate.modes": ["closed_book"]})
     dvc = [os.path.join(os.path.dirname(sys.executable), "dvc")]
