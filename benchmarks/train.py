@@ -1,7 +1,7 @@
 """Training benchmarks, measured side by side in one run (figures and ratios, never pass/fail).
 
 Run:  python benchmarks/train.py [--params params.yaml] [--steps 20] [--skip-memory] [--skip-throughput]
-                                 [--memory-steps 3]
+                                 [--memory-steps 20]
 
 1. Throughput: the pipeline's training (padding-free packed batches, loss on answer tokens only) against a plain
    HF Trainer recipe (every example padded to max_seq_length, loss on every token), same data, same 4-bit
@@ -9,8 +9,10 @@ Run:  python benchmarks/train.py [--params params.yaml] [--steps 20] [--skip-mem
 2. Memory: LoRA training of a 0.5B-parameter-shaped random Llama (Qwen2.5-0.5B's shape; built here,
    nothing downloaded) with the base in 4-bit NF4 vs in bf16 (both with bf16 compute), each in its own
    process: the weights' footprint, the peak RSS while loading, the peak RSS while training, tokens/s and the
-   last loss; both with the pipeline's loss (tasks/loss.py: logits only where the next token is learned, frozen
-   embedding kept in bf16), and 4-bit once more as before issue 10 (full logits, fp32 embedding). Both under
+   loss at the last step (20 by default: both runs start from the same weights and see the same batch, so their
+   losses should agree to within quantisation noise); both with the pipeline's loss (tasks/loss.py: the head
+   applied only where the next token is learned, a chunk of rows at a time; frozen embedding kept in bf16), and
+   4-bit once more as before issue 10 (full logits, fp32 embedding). Both under
    glibc's default malloc and under MALLOC_MMAP_THRESHOLD_=131072: by default glibc raises its mmap threshold
    after the first large free, so the 4-bit path's transient dequantised weights (1.6-8.7 MB each, every layer,
    forward and backward) are carved from the heap, which fragments and is never given back; a fixed threshold
@@ -84,8 +86,8 @@ def _rss_mb(field: str) -> float:
 def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) -> None:
     """In a fresh process: load, then LoRA-train `steps` steps; print resident memory after loading, the peak
     while training (the peak is reset after loading through /proc/self/clear_refs), tokens/s and the last loss.
-    loss "kept": the pipeline's (tasks/loss.py: logits only where the next token is learned, frozen embedding in
-    the compute dtype); "full": logits at every position and the embedding left in fp32 (before issue 10)."""
+    loss "kept": the pipeline's (tasks/loss.py: the head only where the next token is learned, by chunks; frozen
+    embedding in the compute dtype); "full": logits at every position and the embedding left in fp32 (before issue 10)."""
     from tasks.loss import LinearCrossEntropy, with_loss_positions
 
     p = load_params()
@@ -161,7 +163,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true", help="only the 0.5B memory runs (no pipeline data)")
-    ap.add_argument("--memory-steps", type=int, default=3)
+    ap.add_argument("--memory-steps", type=int, default=20)
     args = ap.parse_args()
     p = load_params(args.params)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
