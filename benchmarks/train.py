@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -106,7 +106,8 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
         model.get_input_embeddings().to(torch.float32)  # what prepare_model_for_kbit_training leaves
     # Weights as held by the model (RSS after loading would undercount bf16: safetensors stay memory-mapped).
     loaded = model.get_memory_footprint() / 2**20
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's RSS.
+    load_peak = _rss_mb("VmHWM")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -140,20 +141,21 @@ RUNS = (("4bit", "kept", "4bit_nf4", {}), ("none", "kept", "bf16", {}),
 def peak_memory(steps: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = Path(tempfile.mkdtemp(prefix="papertune-0.5b-"))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**HALF_B)).to(torch.bfloat16)
-    n_params = sum(w.numel() for w in model.parameters())
-    model.save_pretrained(folder)
-    (folder / "base_model.json").write_text(json.dumps({"name_or_path": None, "revision": None}))
-    del model
-    out = {"params_millions": round(n_params / 1e6)}
-    for quantization, loss, label, env in RUNS:
-        r = subprocess.run([sys.executable, __file__, "--child", str(folder), quantization, loss, str(steps)],
-                           capture_output=True, text=True, env={**os.environ, **env})
-        if r.returncode:
-            sys.exit(f"memory run {label} failed:\n{r.stderr[-3000:]}")
-        out[label] = json.loads(r.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory(prefix="papertune-0.5b-") as tmp:  # 1 GB of weights: gone when done
+        folder = Path(tmp)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**HALF_B)).to(torch.bfloat16)
+        n_params = sum(w.numel() for w in model.parameters())
+        model.save_pretrained(folder)
+        (folder / "base_model.json").write_text(json.dumps({"name_or_path": None, "revision": None}))
+        del model
+        out = {"params_millions": round(n_params / 1e6)}
+        for quantization, loss, label, env in tqdm(RUNS, desc="memory runs (one process each)"):
+            r = subprocess.run([sys.executable, __file__, "--child", str(folder), quantization, loss, str(steps)],
+                               capture_output=True, text=True, env={**os.environ, **env})
+            if r.returncode:
+                sys.exit(f"memory run {label} failed:\n{r.stderr[-3000:]}")
+            out[label] = json.loads(r.stdout.strip().splitlines()[-1])
     return out
 
 
