@@ -87,7 +87,7 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
     """In a fresh process: load, then LoRA-train `steps` steps; print resident memory after loading, the peak
     while training (the peak is reset after loading through /proc/self/clear_refs), tokens/s and the last loss.
     loss "kept": the pipeline's (tasks/loss.py: the head only where the next token is learned, by chunks; frozen
-    embedding in the compute dtype); "full": logits at every position and the embedding left in fp32 (before issue 10)."""
+    embedding in the compute dtype); "full": logits at every position, the embedding left in fp32 (before issue 10)."""
     from tasks.loss import LinearCrossEntropy, with_loss_positions
 
     p = load_params()
