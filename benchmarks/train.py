@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.scale import status_mb  # noqa: E402
 from tasks import base_model, train  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 
@@ -78,11 +79,6 @@ def throughput(p, steps: int, packed: bool) -> dict:
     return {"seconds": seconds, "real_tokens_per_s": real_tokens / seconds}
 
 
-def _rss_mb(field: str) -> float:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
-    return int(line.split()[1]) / 1024
-
-
 def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) -> None:
     """In a fresh process: load, then LoRA-train `steps` steps; print resident memory after loading, the peak
     while training (the peak is reset after loading through /proc/self/clear_refs), tokens/s and the last loss.
@@ -98,7 +94,7 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
                                      "lora_alpha": 32, "modules_to_save": [], "gradient_checkpointing": True})
     import bitsandbytes, peft, transformers  # noqa: F401  (lora_model imports them: count them before the model)
 
-    imports = _rss_mb("VmRSS")  # the interpreter with torch, transformers, peft and bitsandbytes imported
+    imports = status_mb(os.getpid(), "VmRSS")  # the interpreter with torch, transformers, peft, bitsandbytes
     torch.manual_seed(0)
     model = train.lora_model(Path(model_dir), cfg)
     model.train()  # as the Trainer does: gradient checkpointing (and dropout) act only in training mode
@@ -107,7 +103,7 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
     # Weights as held by the model (RSS after loading would undercount bf16: safetensors stay memory-mapped).
     loaded = model.get_memory_footprint() / 2**20
     # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's RSS.
-    load_peak = _rss_mb("VmHWM")
+    load_peak = status_mb(os.getpid(), "VmHWM")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -127,7 +123,8 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
         opt.step()
         opt.zero_grad()
     seconds = time.perf_counter() - start
-    print(json.dumps({"loaded_mb": loaded, "load_peak_mb": load_peak, "train_peak_mb": _rss_mb("VmHWM"),
+    train_peak = status_mb(os.getpid(), "VmHWM")
+    print(json.dumps({"loaded_mb": loaded, "load_peak_mb": load_peak, "train_peak_mb": train_peak,
                       "imports_mb": imports,
                       "tokens_per_s": steps * ids.numel() / seconds, "last_loss": float(value)}))
 
