@@ -87,6 +87,7 @@ _EXAMPLE = re.compile(r"\bPrompt format\b|\bExample prompt\b|\bDataset features\
 _POINTER = re.compile(r"\b(?:(?:shown|described|listed|given|discussed|explained|detailed|defined|presented|see|as)"
                       r" below|below(?=\s*[.:;,)])|as follows|the following|aforementioned|in more detail)\b", re.I)
 _NUMBER = re.compile(r"^[\d.,%±()\-–]+$")
+_CITATIONS = re.compile(r"\[\d+(?:\s*[,–-]\s*\d+)+\]")  # "[10, 17, 22]", "[12,49]", "[4–6]"
 
 
 def prose(sentence: str) -> bool:
@@ -113,9 +114,11 @@ def prose(sentence: str) -> bool:
     if sum(w.islower() for w in words) < 0.4 * len(words):  # a run of names and numbers from a figure, not prose
         return False
     letters = sum(ch.isalpha() for ch in sentence)
-    # A table row is mostly numbers; a long sentence may give ranges ("900 to 330,000 examples, 2 to 157 classes").
+    # A table row is mostly numbers; a long sentence may give ranges ("900 to 330,000 examples, 2 to 157 classes"),
+    # but a list of citations ("[10, 17, 22, 28]") never makes an answer read better: then five numbers at most.
     numbers = sum(bool(_NUMBER.match(w)) for w in words)
-    return letters >= 0.7 * len(sentence.replace(" ", "")) and numbers <= max(5, len(words) // 5)
+    cap = 5 if _CITATIONS.search(sentence) else max(5, len(words) // 5)
+    return letters >= 0.7 * len(sentence.replace(" ", "")) and numbers <= cap
 
 
 def names_in(chunks: list[dict]) -> tuple[Counter, str]:
