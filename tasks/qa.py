@@ -201,26 +201,47 @@ def question_key(p: dict) -> str:
 
 
 class NearDuplicates:
-    """MinHash LSH index: `seen(text)` is True when an indexed text is at least `threshold` similar."""
+    """MinHash LSH index: `seen(text)` is True when an indexed text is at least `threshold` similar.
+
+    The index lives in a private temporary SQLite database (SQLite's "" file: on disk once past its 2 MB page
+    cache, deleted on close), so the QA stage's memory stays flat at any corpus size. datasketch's in-memory
+    MinHashLSH held 3.6 KB per kept question (270 MB at 59,000); its Redis/Cassandra storages need a server. The
+    bands are datasketch's (`MinHashLSH` picks them for the threshold), so the same questions are found."""
 
     def __init__(self, threshold: float, num_perm: int):
+        import sqlite3
+
         from datasketch import MinHashLSH
 
         self.threshold, self.num_perm = threshold, num_perm
-        self.lsh, self.hashes = MinHashLSH(threshold=threshold, num_perm=num_perm), {}
+        self.bands = MinHashLSH(threshold=threshold, num_perm=num_perm).hashranges
+        # One transaction, never committed: the file is thrown away when the index is.
+        self.db = sqlite3.connect("", isolation_level=None)
+        self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; "
+                              "CREATE TABLE band (key INTEGER, id INTEGER); CREATE INDEX band_key ON band (key); "
+                              "CREATE TABLE hash (id INTEGER PRIMARY KEY, hashvalues BLOB); BEGIN")
+        self.size = 0
+        self.candidates = (f"SELECT hashvalues FROM hash WHERE id IN "
+                           f"(SELECT id FROM band WHERE key IN ({','.join('?' * len(self.bands))}))")
+
+    def _keys(self, m) -> list[int]:
+        # A band's key is Python's hash of its values: fixed within this process, which is the index's lifetime; a
+        # collision only adds a candidate, which the estimate below rejects.
+        return [hash((i, m.hashvalues[a:b].tobytes())) for i, (a, b) in enumerate(self.bands)]
 
     def seen(self, text: str):
+        import numpy as np
+
         m = minhash(text, self.num_perm)
         # LSH finds candidates; the MinHash estimate confirms, so the threshold is the one in params.
-        return any(self.hashes[k].jaccard(m) >= self.threshold for k in self.lsh.query(m)), m
+        return any(np.count_nonzero(np.frombuffer(blob, m.hashvalues.dtype) == m.hashvalues) / self.num_perm
+                   >= self.threshold for (blob,) in self.db.execute(self.candidates, self._keys(m))), m
 
     def add(self, text: str, m=None) -> None:
-        from datasketch import LeanMinHash
-
-        key = str(len(self.hashes))
-        # Lean: the hash values only; a MinHash also keeps its own copy of the permutations (twice the memory).
-        self.hashes[key] = LeanMinHash(m or minhash(text, self.num_perm))
-        self.lsh.insert(key, self.hashes[key])
+        m = m or minhash(text, self.num_perm)
+        self.size += 1
+        self.db.execute("INSERT INTO hash VALUES (?, ?)", (self.size, m.hashvalues.tobytes()))
+        self.db.executemany("INSERT INTO band VALUES (?, ?)", [(k, self.size) for k in self._keys(m)])
 
 
 def select(candidates: Iterable[dict], qa: QAParams, dropped: Counter) -> Iterator[dict]:

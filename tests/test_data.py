@@ -211,6 +211,25 @@ def test_qa_filters_and_near_duplicates_drop_and_count(data):
     assert dropped == {"near_duplicate_question": 1, "answer_length": 1}
 
 
+def test_near_duplicate_index_on_disk_finds_what_datasketchs_in_memory_lsh_finds(data):
+    from datasketch import LeanMinHash, MinHashLSH
+
+    questions = [qa.question_key(p) for p in read_jsonl(data.paths.qa)]
+    questions += [q.replace("the ", "a ", 1) for q in questions[::3]] + questions[::7]  # near and exact copies
+    on_disk, lsh, hashes = qa.NearDuplicates(0.8, 128), MinHashLSH(threshold=0.8, num_perm=128), {}
+    found = []
+    for q in questions:
+        seen, m = on_disk.seen(q)
+        expected = any(hashes[k].jaccard(m) >= 0.8 for k in lsh.query(m))
+        found.append((seen, expected))
+        if not seen:
+            on_disk.add(q, m)
+            hashes[q] = LeanMinHash(m)
+            lsh.insert(q, hashes[q])
+    assert [s for s, _ in found] == [e for _, e in found]
+    assert sum(s for s, _ in found) >= len(questions[::7])  # every exact copy at least
+
+
 def test_split_is_by_document_and_leak_free(data):
     train, eval_ = read_jsonl(data.paths.train_split), read_jsonl(data.paths.eval_split)
     assert train and eval_
