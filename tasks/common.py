@@ -374,11 +374,12 @@ def map_cached_iter(task, items: Iterable, *args, desc: str, star: bool = False)
                 counts["cached"] += 1
                 yield json.loads((store / f"{keys[i]}.json").read_text())
             bar.update()
-        # Prefect's process-pool futures hold each batch's pickled result in a reference cycle (_ChainedFuture and
-        # its callbacks), which only a full collection frees: without one, every result of the stage stayed in
-        # memory until its end (97 MB at 1,000 papers). 70 ms a window.
-        futures.clear()
-        gc.collect()
+        if futures:
+            # Prefect's process-pool futures hold each batch's pickled result in a reference cycle (_ChainedFuture
+            # and its callbacks), which only a full collection frees: without one, every result of the stage stayed
+            # in memory until its end (97 MB at 1,000 papers). 70 ms a window that computed something.
+            futures.clear()
+            gc.collect()
 
     pending = None
     window: list = []

@@ -218,7 +218,7 @@ class NearDuplicates:
         # One transaction, never committed: the file is thrown away when the index is.
         self.db = sqlite3.connect("", isolation_level=None)
         self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; "
-                              "CREATE TABLE band (key INTEGER, id INTEGER); CREATE INDEX band_key ON band (key); "
+                              "CREATE TABLE band (key INTEGER, id INTEGER, PRIMARY KEY (key, id)) WITHOUT ROWID; "
                               "CREATE TABLE hash (id INTEGER PRIMARY KEY, hashvalues BLOB); BEGIN")
         self.size = 0
         self.candidates = (f"SELECT hashvalues FROM hash WHERE id IN "
