@@ -11,8 +11,8 @@ Run:  python benchmarks/train.py [--params params.yaml] [--steps 20] [--skip-mem
    process: the weights' footprint, the peak RSS while loading, the peak RSS while training, tokens/s and the
    loss at the last step (20 by default: both runs start from the same weights and see the same batch, so their
    losses should agree to within quantisation noise); both with the pipeline's loss (tasks/loss.py: the head
-   applied only where the next token is learned, a chunk of rows at a time; frozen embedding kept in bf16), and
-   4-bit once more as before issue 10 (full logits, fp32 embedding). Both under
+   applied only where the next token is learned, a chunk of rows at a time; frozen embedding and norms kept in
+   bf16), and 4-bit once more as before issue 10 (full logits, fp32 embedding and norms). Both under
    glibc's default malloc and under MALLOC_MMAP_THRESHOLD_=131072: by default glibc raises its mmap threshold
    after the first large free, so the 4-bit path's transient dequantised weights (1.6-8.7 MB each, every layer,
    forward and backward) are carved from the heap, which fragments and is never given back; a fixed threshold
@@ -83,7 +83,8 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
     """In a fresh process: load, then LoRA-train `steps` steps; print resident memory after loading, the peak
     while training (the peak is reset after loading through /proc/self/clear_refs), tokens/s and the last loss.
     loss "kept": the pipeline's (tasks/loss.py: the head only where the next token is learned, by chunks; frozen
-    embedding in the compute dtype); "full": logits at every position, the embedding left in fp32 (before issue 10)."""
+    embedding and norms in the compute dtype); "full": logits at every position, the embedding and norms left in fp32
+    (before issue 10)."""
     from tasks.loss import LinearCrossEntropy, with_loss_positions
 
     p = load_params()
@@ -98,8 +99,10 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
     torch.manual_seed(0)
     model = train.lora_model(Path(model_dir), cfg)
     model.train()  # as the Trainer does: gradient checkpointing (and dropout) act only in training mode
-    if loss == "full" and quantization != "none":
-        model.get_input_embeddings().to(torch.float32)  # what prepare_model_for_kbit_training leaves
+    if loss == "full" and quantization != "none":  # what prepare_model_for_kbit_training leaves: fp32 embedding, norms
+        for w in model.parameters():
+            if not w.requires_grad and w.is_floating_point():
+                w.data = w.data.float()
     # Weights as held by the model (RSS after loading would undercount bf16: safetensors stay memory-mapped).
     loaded = model.get_memory_footprint() / 2**20
     # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's RSS.
@@ -185,7 +188,7 @@ def main() -> None:
             print(f"  {label:<18}{m['loaded_mb']:>9.0f} MB{m['load_peak_mb']:>9.0f} MB{m['train_peak_mb']:>9.0f} MB"
                   f"{m['train_peak_mb'] - m['imports_mb']:>12.0f} MB{m['tokens_per_s']:>10.0f}{m['last_loss']:>11.3f}")
         print("  (4bit_nf4 and bf16: the pipeline's loss, logits only where learned; 4bit_nf4_before: full logits, "
-              "fp32 embedding; mmap: MALLOC_MMAP_THRESHOLD_=131072; above imports: train peak minus the RSS of the "
+              "fp32 embedding and norms; mmap: MALLOC_MMAP_THRESHOLD_=131072; above imports: train peak minus the RSS of the "
               "interpreter with its libraries imported, before the model)")
         for suffix, malloc in (("", "glibc default"), (" mmap", "MALLOC_MMAP_THRESHOLD_=131072")):
             four, bf16 = mem[f"4bit_nf4{suffix}"], mem[f"bf16{suffix}"]

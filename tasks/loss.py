@@ -83,21 +83,15 @@ def _cross_entropy_sum(project, hidden: torch.Tensor, targets: torch.Tensor) -> 
     return F.cross_entropy(project(hidden).float(), targets, reduction="sum")
 
 
-def frozen_embeddings_to(model, dtype: torch.dtype) -> int:
-    """`prepare_model_for_kbit_training` upcasts every non-quantised weight to fp32, the frozen input embedding
-    (and a tied or unquantised head) included: at a 152k vocabulary that doubles their 270 MB. They are frozen, so
-    the compute dtype loses nothing; returns how many bytes that saves."""
+def frozen_weights_to(model, dtype: torch.dtype) -> int:
+    """`prepare_model_for_kbit_training` upcasts every weight it does not quantise to fp32: the frozen input embedding
+    (with a tied head: 270 MB at a 152k vocabulary, doubled) and every norm, whose fp32 outputs then carry fp32
+    activations into the next layer (66 MB more at the peak of a 0.5B step). They are frozen, so the compute dtype,
+    in which a bf16 LoRA run holds them too, loses nothing; returns how many bytes that saves."""
     saved = 0
-    head = model.get_output_embeddings()
-    for module in (model.get_input_embeddings(), head):
-        weight = getattr(module, "weight", None)
-        if weight is None or weight.requires_grad or not weight.is_floating_point() or weight.dtype == dtype:
-            continue  # trained (modules_to_save), quantised, or already there (a tied head after its embedding)
-        if type(module) not in (torch.nn.Embedding, torch.nn.Linear):  # a quantised head keeps its own storage
-            continue
+    for weight in model.parameters():  # a tied weight once
+        if weight.requires_grad or not weight.is_floating_point() or weight.dtype == dtype:
+            continue  # trained, quantised (bitsandbytes stores integers), or already there
         saved += weight.numel() * (weight.element_size() - torch.finfo(dtype).bits // 8)
-        module.to(dtype)
-    if type(head) is torch.nn.Linear and head.weight.dtype == dtype and not head.weight.requires_grad:
-        # The final norm stays in fp32 (prepare_... upcast it): feed the head in its own dtype.
-        head.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
+        weight.data = weight.data.to(dtype)
     return saved

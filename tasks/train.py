@@ -187,7 +187,7 @@ def lora_model(base_dir: Path, cfg: TrainParams):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from tasks.loss import frozen_embeddings_to
+    from tasks.loss import frozen_weights_to
 
     model = load_model(base_dir, cfg.quantization, cfg.compute_dtype)
     # No KV cache while training: with one, transformers skips the packed-sequence mask, and the eval loss on a
@@ -196,7 +196,7 @@ def lora_model(base_dir: Path, cfg: TrainParams):
     gc_kwargs = {"use_reentrant": False}
     if cfg.quantization != "none":
         model = prepare_model_for_kbit_training(model, cfg.gradient_checkpointing, gc_kwargs)
-        frozen_embeddings_to(model, getattr(torch, cfg.compute_dtype))  # prepare_... upcast them to fp32
+        frozen_weights_to(model, getattr(torch, cfg.compute_dtype))  # prepare_... upcast them to fp32
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
