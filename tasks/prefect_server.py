@@ -153,24 +153,6 @@ def copy_database(db: Path, dest: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _alembic_version(db: Path) -> str | None:
-    import sqlite3
-
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute("SELECT version_num FROM alembic_version").fetchone()[0]
-    except (sqlite3.Error, TypeError):
-        return None
-
-
-def _up_to_date(db: Path | None) -> bool:
-    """True when the SQLite database is at the migration this Prefect version's template is at (always so for one
-    seeded from it): the server can skip its start-up migration check, which loads every Alembic script."""
-    template = migrated_template()
-    return (db is not None and db.is_file() and template.is_file()
-            and _alembic_version(template) is not None and _alembic_version(db) == _alembic_version(template))
-
-
 def _migrates_new_database(db: Path | None) -> bool:
     """True when the server about to start creates and migrates a database and no template exists to seed it."""
     return db is not None and not db.exists() and not migrated_template().is_file()
@@ -205,16 +187,12 @@ def _die_with_parent(parent_pid: int) -> None:
 def start_server(services: bool = False, log: str | Path | None = None) -> Server:
     """Start the server and return at once (see `wait_ready`): its ~4 s start overlaps the caller's own work.
     A new database starts as a copy of the migrated template, when there is one (`seed_database`)."""
-    db = _database_path()
-    seed_database(db)
+    seed_database(_database_path())
     port = free_port()
     env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT__SERVER_FINAL": "1"}
     env.pop("PREFECT_API_URL", None)
     if not services:
         env["PREFECT__SERVER_EPHEMERAL"] = "1"  # Prefect's switch for "no scheduler, no background services"
-        if _up_to_date(db):  # nothing to migrate, block types registered with the template: start sooner
-            env.setdefault("PREFECT_API_DATABASE_MIGRATE_ON_START", "false")
-            env.setdefault("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")
     out = open(log, "ab") if log else subprocess.DEVNULL
     parent = os.getpid()
     process = subprocess.Popen(
