@@ -74,7 +74,7 @@ def test_dvc_repro_reproduces_the_default_run_and_reruns_only_what_changed(tmp_p
     assert tuned["rougeL"] > base["rougeL"] + 0.02, (base, tuned)
     assert tuned["rougeL_ci95"][0] > base["rougeL_ci95"][1], (base, tuned)
     assert tuned["f1_ci95"][0] > base["f1_ci95"][1], (base, tuned)
-    assert tuned["f1"] >= 0.03, (base, tuned)  # 0.087 at 40 steps, 0.109 at 300 (base 0.009)
+    assert tuned["f1"] >= 0.03, (base, tuned)  # base 0.009; the full 1,200 steps reach 0.354
     split = json.loads((work / "data" / "reports" / "split.json").read_text())
     assert split["eval"]["documents"] >= 1 and split["leakage_check"] == "passed"
 
