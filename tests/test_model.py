@@ -28,6 +28,20 @@ def batch(p, n=4):
     return train.collator(tokenizer, True, p.train.max_seq_length)(examples)
 
 
+def repeat_one_batch(model, data, steps=8) -> list[float]:
+    """Train on one batch over and over; the losses per step."""
+    inputs = batch(data)
+    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @slow
 def test_every_lora_matrix_still_learns_after_an_evaluation_pass(data):
     """bitsandbytes' CPU repacking after an inference-mode forward would silently cut gradients to most LoRA
@@ -211,15 +225,7 @@ def test_8bit_base_trains_too(data):
     torch.manual_seed(0)
     model = train.lora_model(data.paths.base_model, cfg)
     assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) == 7 * data.model.tiny.num_hidden_layers
-    inputs = batch(data)
-    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = model(**inputs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = repeat_one_batch(model, data)
     assert losses[-1] < losses[0] - 1.0, losses  # one batch, repeated: LoRA over int8 weights fits it
 
 
@@ -233,15 +239,7 @@ def test_bf16_qlora_keeps_the_frozen_base_out_of_fp32_and_learns(data):
     frozen = {n: w.dtype for n, w in model.named_parameters() if not w.requires_grad and w.is_floating_point()}
     assert frozen and set(frozen.values()) == {torch.bfloat16}, {n: d for n, d in frozen.items() if d != torch.bfloat16}
     assert any(w.dtype == torch.uint8 for w in model.parameters())  # the linear layers stay 4-bit
-    inputs = batch(data)
-    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = model(**inputs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = repeat_one_batch(model, data)
     assert losses[-1] < losses[0] - 1.0, losses  # one batch, repeated: LoRA over the bf16-fed 4-bit base fits it
 
 
