@@ -85,7 +85,7 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
     loss "kept": the pipeline's (tasks/loss.py: the head only where the next token is learned, by chunks; frozen
     embedding and norms in the compute dtype); "full": logits at every position, the embedding and norms left in fp32
     (before issue 10)."""
-    from tasks.loss import LinearCrossEntropy, with_loss_positions
+    from tasks.loss import LinearCrossEntropy, frozen_weights_to, with_loss_positions
 
     p = load_params()
     # bf16 compute for both, so that only the storage of the frozen base differs.
@@ -100,9 +100,7 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
     model = train.lora_model(Path(model_dir), cfg)
     model.train()  # as the Trainer does: gradient checkpointing (and dropout) act only in training mode
     if loss == "full" and quantization != "none":  # what prepare_model_for_kbit_training leaves: fp32 embedding, norms
-        for w in model.parameters():
-            if not w.requires_grad and w.is_floating_point():
-                w.data = w.data.float()
+        frozen_weights_to(model, torch.float32)
     # Weights as held by the model (RSS after loading would undercount bf16: safetensors stay memory-mapped).
     loaded = model.get_memory_footprint() / 2**20
     # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's RSS.
@@ -188,8 +186,8 @@ def main() -> None:
             print(f"  {label:<18}{m['loaded_mb']:>9.0f} MB{m['load_peak_mb']:>9.0f} MB{m['train_peak_mb']:>9.0f} MB"
                   f"{m['train_peak_mb'] - m['imports_mb']:>12.0f} MB{m['tokens_per_s']:>10.0f}{m['last_loss']:>11.3f}")
         print("  (4bit_nf4 and bf16: the pipeline's loss, logits only where learned; 4bit_nf4_before: full logits, "
-              "fp32 embedding and norms; mmap: MALLOC_MMAP_THRESHOLD_=131072; above imports: train peak minus the RSS of the "
-              "interpreter with its libraries imported, before the model)")
+              "fp32 embedding and norms; mmap: MALLOC_MMAP_THRESHOLD_=131072; above imports: train peak minus the "
+              "RSS of the interpreter with its libraries imported, before the model)")
         for suffix, malloc in (("", "glibc default"), (" mmap", "MALLOC_MMAP_THRESHOLD_=131072")):
             four, bf16 = mem[f"4bit_nf4{suffix}"], mem[f"bf16{suffix}"]
             print(f"  ratio 4-bit / bf16, {malloc}: weights {four['loaded_mb'] / bf16['loaded_mb']:.2f}x, "

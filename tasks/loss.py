@@ -86,8 +86,8 @@ def _cross_entropy_sum(project, hidden: torch.Tensor, targets: torch.Tensor) -> 
 def frozen_weights_to(model, dtype: torch.dtype) -> int:
     """`prepare_model_for_kbit_training` upcasts every weight it does not quantise to fp32: the frozen input embedding
     (with a tied head: 270 MB at a 152k vocabulary, doubled) and every norm, whose fp32 outputs then carry fp32
-    activations into the next layer (66 MB more at the peak of a 0.5B step). They are frozen, so the compute dtype,
-    in which a bf16 LoRA run holds them too, loses nothing; returns how many bytes that saves."""
+    activations into the next layer (about 70 MB more at the peak of a 0.5B step). They are frozen, so the compute
+    dtype, in which a bf16 LoRA run holds them too, loses nothing; returns how many bytes that saves."""
     saved = 0
     for weight in model.parameters():  # a tied weight once
         if weight.requires_grad or not weight.is_floating_point() or weight.dtype == dtype:
