@@ -18,6 +18,7 @@ never asks the model again. A run that keeps no pair writes nothing (the previou
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections import Counter
@@ -154,6 +155,10 @@ def qa_document(chunks: list[dict], qa: QAParams, cache_dir: Path) -> dict:
         judge_pairs(judged, by_id, qa, cache_dir, judge_stats)
         for p in judged:
             p["drop"] = judge_reason(p["judge"], qa.judge)
+    for p in pairs:  # what the dataset-wide selection needs, computed here: on both cores, and cached with the rest
+        if p["drop"] is None:
+            p["pair_id"] = content_hash([p["chunk_id"], p["question"], p["answer"]])[:16]
+            p["minhash"] = minhash_to_json(minhash(question_key(p), qa.minhash_permutations))
     return {"pairs": pairs, "teacher": dict(teacher_stats), "judge": dict(judge_stats)}
 
 
@@ -174,14 +179,29 @@ def qa_document_offline(chunks: list[dict], qa: QAParams, cache_dir: str) -> dic
 
 
 def minhash(text: str, num_perm: int):
-    """MinHash of a normalised question's word pairs (single words for a one-word question)."""
-    from datasketch import MinHash
+    """MinHash of a normalised question's word pairs (single words for a one-word question), as a LeanMinHash (the
+    values without the permutations)."""
+    from datasketch import LeanMinHash, MinHash
 
     words = normalise(text).split()
     shingles = {" ".join(words[i:i + 2]) for i in range(max(1, len(words) - 1))}
     m = MinHash(num_perm=num_perm, **_permutations(num_perm))
     m.update_batch([s.encode() for s in shingles])
-    return m
+    return LeanMinHash(m)
+
+
+def minhash_to_json(m) -> str:
+    """A LeanMinHash as a JSON string (a document's results are cached as JSON): datasketch's own byte layout (seed,
+    scheme, values) in base64, 0.7 kB at 128 permutations."""
+    buf = bytearray(m.bytesize())
+    m.serialize(buf)
+    return base64.b64encode(buf).decode()
+
+
+def minhash_from_json(text: str):
+    from datasketch import LeanMinHash
+
+    return LeanMinHash.deserialize(base64.b64decode(text))
 
 
 @lru_cache(maxsize=4)
@@ -201,7 +221,7 @@ def question_key(p: dict) -> str:
 
 
 class NearDuplicates:
-    """MinHash LSH index: `seen(text)` is True when an indexed text is at least `threshold` similar.
+    """MinHash LSH index: `seen(m)` is True when an indexed MinHash (see `minhash`) is at least `threshold` similar.
 
     The index lives in a private temporary SQLite database (SQLite's "" file: on disk once past its 2 MB page
     cache, deleted on close), so the QA stage's memory stays flat at any corpus size. datasketch's in-memory
@@ -213,7 +233,7 @@ class NearDuplicates:
 
         from datasketch import MinHashLSH
 
-        self.threshold, self.num_perm = threshold, num_perm
+        self.threshold = threshold
         self.bands = MinHashLSH(threshold=threshold, num_perm=num_perm).hashranges
         # One transaction, never committed: the file is thrown away when the index is.
         self.db = sqlite3.connect("", isolation_level=None)
@@ -228,18 +248,16 @@ class NearDuplicates:
         # collision only adds a candidate, which the estimate below rejects.
         return [hash((i, m.hashvalues[a:b].tobytes())) for i, (a, b) in enumerate(self.bands)]
 
-    def seen(self, text: str):
+    def seen(self, m) -> bool:
         import numpy as np
         from datasketch import LeanMinHash
 
-        m = minhash(text, self.num_perm)
         # LSH finds candidates; the MinHash estimate confirms, so the threshold is the one in params.
         return any(m.jaccard(LeanMinHash(seed=m.seed, hashvalues=np.frombuffer(blob, m.hashvalues.dtype),
                                          scheme=m.scheme)) >= self.threshold
-                   for (blob,) in self.db.execute(self.candidates, self._keys(m))), m
+                   for (blob,) in self.db.execute(self.candidates, self._keys(m)))
 
-    def add(self, text: str, m=None) -> None:
-        m = m or minhash(text, self.num_perm)
+    def add(self, m) -> None:
         row = self.db.execute("INSERT INTO hash (hashvalues) VALUES (?)", (m.hashvalues.tobytes(),)).lastrowid
         self.db.executemany("INSERT INTO band VALUES (?, ?)", [(k, row) for k in self._keys(m)])
 
@@ -254,15 +272,15 @@ def select(candidates: Iterable[dict], qa: QAParams, dropped: Counter) -> Iterat
         if p["drop"]:
             dropped[p["drop"]] += 1
             continue
-        duplicate, m = index.seen(question_key(p))
-        if duplicate:
+        m = minhash_from_json(p["minhash"])
+        if index.seen(m):
             dropped["near_duplicate_question"] += 1
         elif per_chunk[p["chunk_id"]] >= qa.max_pairs_per_chunk:
             dropped["over_max_per_chunk"] += 1
         else:
-            index.add(question_key(p), m)
+            index.add(m)
             per_chunk[p["chunk_id"]] += 1
-            yield {k: v for k, v in p.items() if k != "drop"}
+            yield {k: v for k, v in p.items() if k not in ("drop", "minhash")}
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -302,7 +320,6 @@ def run(qa: QAParams, paths: Paths) -> int:
 
     def kept() -> Iterator[dict]:
         for p in select(candidates(), qa, dropped):
-            p["pair_id"] = content_hash([p["chunk_id"], p["question"], p["answer"]])[:16]
             pair_ids.append(p["pair_id"])
             kept_by_kind[p["kind"]] += 1
             doc_ids.add(p["doc_id"])

@@ -16,7 +16,7 @@ from prefect import task
 
 from tasks.common import PipelineError, content_hash, logger, read_jsonl, run_stage, write_json, write_jsonl
 from tasks.params import Paths, SplitParams
-from tasks.qa import NearDuplicates, question_key
+from tasks.qa import NearDuplicates, minhash, question_key
 
 
 def side_score(doc_id: str, seed: int) -> float:
@@ -42,8 +42,8 @@ def seen_in(train: list[dict], pairs: list[dict], split: SplitParams) -> list[bo
     """For each pair: is its question a near-duplicate of a training question?"""
     index = NearDuplicates(split.near_duplicate_threshold, split.minhash_permutations)
     for p in train:
-        index.add(question_key(p))
-    return [index.seen(question_key(p))[0] for p in pairs]
+        index.add(minhash(question_key(p), split.minhash_permutations))
+    return [index.seen(minhash(question_key(p), split.minhash_permutations)) for p in pairs]
 
 
 def check_leakage(train: list[dict], eval_: list[dict], split: SplitParams) -> None:

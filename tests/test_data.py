@@ -204,6 +204,8 @@ def test_qa_filters_and_near_duplicates_drop_and_count(data):
                       ('In "T1", what is DPO?', "c1", "d1", "T1"), ('In "T1", what is SFT?', "c1", "d1", "T1"),
                       ('In "T2", what is DPO?', "c2", "d2", "T2")]]  # the same question about another paper
     candidates.append({**candidates[0], "drop": "answer_length"})
+    for c in candidates:  # as qa_document leaves them
+        c["minhash"] = qa.minhash_to_json(qa.minhash(qa.question_key(c), data.qa.minhash_permutations))
     dropped = Counter()
     kept = list(qa.select(candidates, data.qa, dropped))
     assert [k["question"] for k in kept] == [q, 'In "T1", what is DPO?', 'In "T1", what is SFT?',
@@ -212,20 +214,21 @@ def test_qa_filters_and_near_duplicates_drop_and_count(data):
 
 
 def test_near_duplicate_index_on_disk_finds_what_datasketchs_in_memory_lsh_finds(data):
-    from datasketch import LeanMinHash, MinHashLSH
+    from datasketch import MinHashLSH
 
     questions = [qa.question_key(p) for p in read_jsonl(data.paths.qa)]
     questions += [q.replace("the ", "a ", 1) for q in questions[::3]] + questions[::7]  # near and exact copies
     on_disk, lsh, hashes = qa.NearDuplicates(0.8, 128), MinHashLSH(threshold=0.8, num_perm=128), {}
     found = []
     for q in questions:
-        seen, m = on_disk.seen(q)
+        m = qa.minhash(q, 128)
+        seen = on_disk.seen(m)
         expected = any(hashes[k].jaccard(m) >= 0.8 for k in lsh.query(m))
         found.append((seen, expected))
         if not seen:
-            on_disk.add(q, m)
-            hashes[q] = LeanMinHash(m)
-            lsh.insert(q, hashes[q])
+            on_disk.add(m)
+            hashes[q] = m
+            lsh.insert(q, m)
     assert [s for s, _ in found] == [e for _, e in found]
     assert sum(s for s, _ in found) >= len(questions[::7])  # every exact copy at least
 
