@@ -417,17 +417,18 @@ def _item_key(task, item, args: tuple, star: bool, excluded: set[str], code: str
 @task(cache_policy=NO_CACHE, persist_result=False)
 def _compute_batch(fn: Callable, items: list, args: tuple, star: bool, store: list[str | None]) -> list:
     """Compute a batch of items; each result is stored as soon as it exists (a crash keeps the finished ones)."""
-    results = []
+    results, uncached = [], None
     for item, path in zip(items, store):
         result = fn(*item, *args) if star else fn(item, *args)
         if path:
             try:
-                text = json.dumps(result, ensure_ascii=False)
-            except (TypeError, ValueError):  # not JSON (a tensor, a set): computed again next time, never wrong
-                text = None
-            if text is not None:
-                atomic_write(path, text)
+                atomic_write(path, json.dumps(result, ensure_ascii=False))
+            except (TypeError, ValueError) as e:  # not JSON (a tensor, a set): computed again next time, never wrong
+                uncached = e
         results.append(result)
+    if uncached:  # never wrong, but slow: say so rather than let every run recompute in silence
+        logger().warning(f"{fn.__name__}: a result is not JSON ({uncached}), so it is not cached: it is computed "
+                         f"again on every run")
     return results
 
 

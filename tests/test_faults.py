@@ -73,6 +73,23 @@ def test_prefect_cache_key_includes_the_imported_code(fresh_cache, monkeypatch):
     assert tasks_in_chunk and {common._module_name(t.fn) for t in tasks_in_chunk} == {"tasks.chunk"}
 
 
+@task(**CACHE, name="word-set")
+def _word_set(text: str) -> set[str]:
+    return set(text.split())
+
+
+def test_a_result_the_cache_cannot_hold_is_named_not_silently_recomputed(fresh_cache, caplog):
+    @flow
+    def words() -> list[set[str]]:
+        return list(common.map_cached_iter(_word_set, ["a b", "c"], desc="words"))
+
+    with caplog.at_level("INFO"):
+        assert words() == words() == [{"a", "b"}, {"c"}]  # right both times, computed both times
+    assert [m for m in caplog.messages if m.startswith("words:")] == ["words: 2 computed, 0 from cache"] * 2
+    assert any(m.startswith("_word_set: a result is not JSON (Object of type set is not JSON serializable)")
+               for m in caplog.messages)
+
+
 def _build_base(p, seed: int):
     from tasks import base_model
 
