@@ -14,9 +14,11 @@ Run:  python benchmarks/train.py [--params params.yaml] [--steps 20] [--skip-mem
    applied only where the next token is learned, a chunk of rows at a time; frozen embedding and norms kept in
    bf16), and 4-bit once more as before issue 10 (full logits, fp32 embedding and norms). Both under
    glibc's default malloc and under MALLOC_MMAP_THRESHOLD_=131072: by default glibc raises its mmap threshold
-   after the first large free, so the 4-bit path's transient dequantised weights (1.6-8.7 MB each, every layer,
-   forward and backward) are carved from the heap, which fragments and is never given back; a fixed threshold
-   maps and unmaps them, at a cost in speed. Goal (issue 10): 4-bit train peak ≤ 0.6x bf16's.
+   after the first large free, so each pass's transient activations and (4-bit) dequantised weights (1.6-8.7 MB
+   each, every layer, forward and backward) are carved from a heap that fragments: both runs then hold about 2 GB
+   of freed memory, reached in the first steps (not a leak: flat from step 21 to 40); a fixed threshold maps and
+   unmaps them, at a cost in speed (the kernel zeroes every mapped page). Goal (issue 10): 4-bit train peak ≤ 0.6x
+   bf16's.
 Needs the pipeline's base model and split: run `dvc repro split` first.
 """
 
