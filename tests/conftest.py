@@ -55,8 +55,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_PDFS = ROOT / "data" / "sample" / "pdfs"
 
 
+# Plumbing tests run on the random tiny Llama (seconds to build and train); the default model, SmolLM2, is run end to
+# end by tests/test_pipeline.py. Its embeddings are random, so they train too, at the rate that makes it learn.
+TINY = {"model": {"name": "builtin:tiny-llama"},
+        "train": {"lora_layers": 0, "lora_r": 64, "lora_alpha": 64, "modules_to_save": ["embed_tokens", "lm_head"],
+                  "learning_rate": 5e-3}}
+
+
 def make_params(tmp: Path, pdf_dir: Path = SAMPLE_PDFS, **sections: dict) -> Params:
-    """params.yaml with every output path moved under `tmp` and some sections' fields overridden."""
+    """params.yaml with every output path moved under `tmp`, the tiny test model (TINY) unless `model` says
+    otherwise, and some sections' fields overridden."""
     base = load_params(ROOT / "params.yaml")
     paths = {}
     for name, value in base.paths.model_dump().items():
@@ -65,8 +73,8 @@ def make_params(tmp: Path, pdf_dir: Path = SAMPLE_PDFS, **sections: dict) -> Par
     paths["pdf_dir"] = pdf_dir
     raw = base.model_dump()
     raw["paths"] = paths
-    for section, fields in sections.items():
-        raw[section] = {**raw[section], **fields}
+    for section in {**TINY, **sections}:
+        raw[section] = {**raw[section], **TINY.get(section, {}), **sections.get(section, {})}
     return Params.model_validate(raw)
 
 

