@@ -38,7 +38,7 @@ from tasks.adapter import META, build_prompt, reading_prompt
 from tasks.base_model import describe, load_model, load_tokenizer
 from tasks.chunk import split_sentences
 from tasks.common import (PipelineError, atomic_dir, atomic_write, code_hash, content_hash, dir_hash, logger,
-                          read_json, read_jsonl, run_stage, write_json)
+                          read_json, read_jsonl, run_stage, sha256_file, write_json)
 from tasks.params import MLflowParams, Params, Paths, TrainParams, flatten
 from tasks.tracking import ADAPTER_HASH, find_training_run, log_dataset, register, start_run
 
@@ -359,8 +359,10 @@ def log_skipped(mlflow_cfg: MLflowParams, paths: Paths, reason: str) -> None:
 def run_key(cfg: TrainParams, paths: Paths) -> dict:
     """What an adapter depends on: the base model's content (weights, config, tokenizer and descriptor, not just
     its name: a rebuild with another model.tiny.seed is another model), the training params, the split's content,
-    and the training code (tasks/train.py and every project module it imports, transitively)."""
+    the chunks' content when training reads documents (an edited chunk is another text to learn), and the training
+    code (tasks/train.py and every project module it imports, transitively)."""
     split = read_json(paths.split_report)
+    chunks = sha256_file(paths.chunks) if cfg.read_documents != "none" else None
     base = describe(paths.base_model)
     content = [dir_hash(paths.base_model)]
     if Path(base["load_from"]).is_dir() and Path(base["load_from"]).resolve() != Path(paths.base_model).resolve():
@@ -368,8 +370,10 @@ def run_key(cfg: TrainParams, paths: Paths) -> dict:
     base_model = {**{k: base[k] for k in ("name", "revision", "tokenizer_hash")}, "content_hash": content_hash(content)}
     code = code_hash("tasks.train")
     return {
-        "key": content_hash([base_model, cfg.model_dump(mode="json"), split["train_hash"], split["eval_hash"], code]),
+        "key": content_hash([base_model, cfg.model_dump(mode="json"), split["train_hash"], split["eval_hash"], chunks,
+                             code]),
         "train_hash": split["train_hash"],
+        "chunks_hash": chunks,
         "base_model": base_model,
         "code_hash": code,
     }
@@ -382,9 +386,9 @@ def skip_reason(cfg: TrainParams, paths: Paths, key: dict, train_ids: list[str])
     prev = read_json(meta_path)
     if prev["run_key"] == key["key"]:
         return "QA dataset and training params unchanged (same base model and code)"
-    # The retraining threshold compares data only: another base model, params or code always retrains.
+    # The retraining threshold compares QA pairs only: another base model, params, code or chunk text always retrains.
     same_setup = (prev["train_params"] == cfg.model_dump(mode="json") and prev["base_model"] == key["base_model"]
-                  and prev.get("code_hash") == key["code_hash"])
+                  and prev.get("code_hash") == key["code_hash"] and prev.get("chunks_hash") == key["chunks_hash"])
     changed = len(set(train_ids) ^ set(prev["train_pair_ids"])) / max(len(set(train_ids) | set(prev["train_pair_ids"])), 1)
     if same_setup and changed < cfg.min_changed_fraction:
         return f"only {changed:.1%} of training pairs changed (< train.min_changed_fraction={cfg.min_changed_fraction})"
@@ -451,7 +455,7 @@ def save_adapter(paths: Paths, cfg: TrainParams, model, tokenizer, record: dict,
             "prompt_template": cfg.prompt_template, "system_prompt": cfg.system_prompt,
             "quantization": cfg.quantization, "compute_dtype": cfg.compute_dtype,
             "train_pair_ids": record["train_pair_ids"],  # no MLflow run id: DVC tracks this folder
-            "code_hash": key["code_hash"],
+            "code_hash": key["code_hash"], "chunks_hash": key["chunks_hash"],
             # What the model read, and how a passage was shown to it (ask and evaluate use the same prompts).
             "read_documents": cfg.read_documents, "documents_read": record["read_documents"],
             "reading_questions": cfg.reading_questions,

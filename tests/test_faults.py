@@ -103,11 +103,21 @@ def test_training_key_covers_base_model_content_and_code(tmp_path, monkeypatch):
     p = make_params(tmp_path, train={"min_changed_fraction": 1.0})  # data-wise, any change would be skipped
     _build_base(p, seed=0)
     common.write_json(p.paths.split_report, {"train_hash": "t", "eval_hash": "e"})
+    chunks = [{"chunk_id": f"c{i}", "doc_id": "d", "title": "LoRA", "section": "Method", "text": f"Text {i}."}
+              for i in range(2)]
+    common.write_jsonl(p.paths.chunks, chunks)
     key = run_key(p.train, p.paths)
     common.write_json(p.paths.adapter / META, {
         "run_key": key["key"], "base_model": key["base_model"], "train_params": p.train.model_dump(mode="json"),
-        "code_hash": key["code_hash"], "train_pair_ids": ["a", "b"]})
+        "code_hash": key["code_hash"], "chunks_hash": key.get("chunks_hash"), "train_pair_ids": ["a", "b"]})
     assert skip_reason(p.train, p.paths, key, ["a", "b"]).startswith("QA dataset and training params unchanged")
+
+    # Training reads the documents' text (train.read_documents: all): one edited chunk, same QA pairs, retrains.
+    assert p.train.read_documents == "all"
+    common.write_jsonl(p.paths.chunks, [chunks[0], {**chunks[1], "text": "Text 1, corrected."}])
+    reread = run_key(p.train, p.paths)
+    assert reread["key"] != key["key"] and skip_reason(p.train, p.paths, reread, ["a", "b"]) is None
+    common.write_jsonl(p.paths.chunks, chunks)
 
     _build_base(p, seed=1)  # same name, revision and tokenizer: other weights
     rebuilt = run_key(p.train, p.paths)
@@ -133,6 +143,29 @@ def test_dvc_yaml_declares_exactly_the_code_each_stage_imports():
             assert all(isinstance(o, dict) and next(iter(o.values())).get("persist") for o in outs), name
     assert "params.yaml" in stages["params"]["deps"]
     assert "${paths.base_model}" in stages["evaluate"]["deps"]  # a rebuilt base model re-runs evaluation
+
+
+def test_dvc_yaml_declares_every_path_each_stage_reads_or_writes():
+    """A file a stage's module names (paths.<field>) is its dep or its output in dvc.yaml: an undeclared input
+    (train reading paths.chunks) leaves DVC serving an adapter trained on the old text."""
+    import re
+
+    from tasks.params import Paths
+
+    # Never DVC's: caches and checkpoints a stage keeps for itself, plots only logged to MLflow, the lock.
+    private = {"qa_cache", "checkpoints", "plots_dir", "lock"}
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        if name == "params":
+            continue
+        source = (ROOT / "tasks" / f"{name}.py").read_text()
+        used = set(re.findall(r"\bpaths\.(\w+)", source)) & set(Paths.model_fields) - private
+        entries = [*stage["deps"], *(o for kind in ("outs", "metrics", "plots") for o in stage.get(kind, []))]
+        declared = {re.fullmatch(r"\$\{paths\.(\w+)\}", e if isinstance(e, str) else next(iter(e)))
+                    for e in entries}
+        missing = used - {m[1] for m in declared if m}
+        assert not missing, f"dvc.yaml stage {name} reads or writes undeclared paths: {sorted(missing)}"
+    assert "${paths.chunks}" in stages["train"]["deps"]
 
 
 # ---------------------------------------------------------------------------------------------- keep good outputs

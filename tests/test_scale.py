@@ -60,8 +60,9 @@ def test_retraining_threshold_on_changed_training_pairs(tmp_path):
     base = {"name": "builtin:tiny-llama", "revision": None, "tokenizer_hash": "t"}
     old_ids = [f"pair{i}" for i in range(100)]
     write_json(p.paths.adapter / train.META, {"run_key": "old", "train_params": p.train.model_dump(mode="json"),
-                                              "base_model": base, "train_pair_ids": old_ids, "code_hash": "c"})
-    key = {"key": "new", "base_model": base, "code_hash": "c"}
+                                              "base_model": base, "train_pair_ids": old_ids, "code_hash": "c",
+                                              "chunks_hash": "h"})
+    key = {"key": "new", "base_model": base, "code_hash": "c", "chunks_hash": "h"}
     assert train.skip_reason(p.train, p.paths, {**key, "key": "old"}, old_ids).startswith(
         "QA dataset and training params unchanged")
     few_new = old_ids[:95] + [f"new{i}" for i in range(5)]  # 10 of 105 ids differ: 9.5%
