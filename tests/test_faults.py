@@ -468,3 +468,24 @@ def test_log_lines_escape_control_characters(caplog):
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         assert any(isinstance(f, common._EscapeControlChars) for f in logging.getLogger(name).filters)
+
+
+def test_file_names_differing_only_in_control_characters_are_two_files(tmp_path, fresh_cache, caplog):
+    """`a\\n.pdf` and `a\\t.pdf` used to become one name (control characters replaced), and ingest crashed
+    (generator raised StopIteration); records and the report name each file as it is on disk."""
+    from tasks import ingest
+    from tests.conftest import SAMPLE_PDFS, in_flow
+
+    pdfs = tmp_path / "pdfs"
+    pdfs.mkdir()
+    sample = sorted(SAMPLE_PDFS.glob("*.pdf"))[0]
+    for name in ("a\n.pdf", "a\t.pdf"):
+        shutil.copy(sample, pdfs / name)
+    p = make_params(tmp_path, pdf_dir=pdfs)
+    with caplog.at_level("WARNING"):
+        assert in_flow(ingest.run, p.ingest, p.paths) == 1
+    [doc] = read_jsonl(p.paths.documents)
+    assert doc["file"] == "a\t.pdf" and (pdfs / doc["file"]).is_file()
+    report = common.read_json(p.paths.ingest_report)["files"]
+    assert [(f["file"], f["reason"]) for f in report] == [("a\t.pdf", None), ("a\n.pdf", "duplicate of a\t.pdf")]
+    assert "ingest: skipped a\\n.pdf: duplicate of a\\t.pdf" in caplog.messages  # escaped: one log line
