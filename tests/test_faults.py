@@ -138,9 +138,9 @@ def test_dvc_yaml_declares_exactly_the_code_each_stage_imports():
         assert "tasks/params.py" in declared
         if name != "params":
             assert "${paths.params_check}" in stages[name]["deps"], name  # a bad params file stops DVC first
-            outs = [o for kind in ("outs", "metrics", "plots") for o in stages[name].get(kind, [])]
-            # DVC deletes outputs before running a stage unless they persist; stages replace them on success.
-            assert all(isinstance(o, dict) and next(iter(o.values())).get("persist") for o in outs), name
+        outs = [o for kind in ("outs", "metrics", "plots") for o in stages[name].get(kind, [])]
+        # DVC deletes outputs before running a stage unless they persist; stages replace them on success.
+        assert outs and all(isinstance(o, dict) and next(iter(o.values())).get("persist") for o in outs), name
     assert "params.yaml" in stages["params"]["deps"]
     assert "${paths.base_model}" in stages["evaluate"]["deps"]  # a rebuilt base model re-runs evaluation
 
@@ -187,7 +187,8 @@ def test_bad_params_stop_dvc_repro_before_any_output_is_removed(tmp_path):
     assert "\n  learning_rate:" in (ROOT / "params.yaml").read_text()
     work = dvc_project(tmp_path, (ROOT / "params.yaml").read_text().replace("  learning_rate:", "  learnig_rate:"))
     kept = {"data/adapter/adapter_model.safetensors": "weights", "metrics/train.json": '{"train_loss": 1.0}',
-            "metrics/loss.csv": "step,train_loss,eval_loss\n", "data/qa.jsonl": '{"question": "q"}\n'}
+            "metrics/loss.csv": "step,train_loss,eval_loss\n", "data/qa.jsonl": '{"question": "q"}\n',
+            "data/params.ok": "params.yaml is valid\n"}  # the params stage's own output too
     for rel, text in kept.items():
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         (work / rel).write_text(text)
