@@ -276,7 +276,14 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
         (("train:", "trian:"), "unknown key 'trian' (did you mean train?)"),
         (("  max_steps:", "  max_stesp: 3\n  max_steps:"), "train: unknown key 'max_stesp' (did you mean max_steps?)"),
         (("  seed: 7\n", ""), "split.seed: missing key"),
-        (("  learning_rate:", "  learnig_rate:", "  seed: 7\n", ""), "train: unknown key 'learnig_rate' (did you mean learning_rate?) (and 1 more)"),
+        # Every error at once, one line each: unknown keys, then bad values, then missing keys.
+        (("  learning_rate:", "  learnig_rate:", "  seed: 7\n", "", "  max_steps:", "  max_steps: many\n  old_max_steps:",
+          "  lora_r:", "  lora_rank:"),
+         "train: unknown key 'lora_rank' (did you mean lora_r?)\n"
+         "train: unknown key 'old_max_steps'\n"
+         "train: unknown key 'learnig_rate' (did you mean learning_rate?)\n"
+         "train.max_steps: Input should be a valid integer, unable to parse string as an integer, got 'many'\n"
+         "split.seed: missing key"),
     ],
 )
 def test_params_typo_says_unknown_key_first(tmp_path, edit, message):
@@ -287,7 +294,7 @@ def test_params_typo_says_unknown_key_first(tmp_path, edit, message):
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(SystemExit) as e:
         load_params(tmp_path / "params.yaml")
-    assert str(e.value) == f"error: {tmp_path / 'params.yaml'}: {message}"
+    assert str(e.value) == "\n".join(f"error: {tmp_path / 'params.yaml'}: {line}" for line in message.splitlines())
 
 
 def _corrupt_dbs(tmp_path: Path) -> dict[str, Path]:
