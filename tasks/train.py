@@ -386,7 +386,7 @@ def skip_reason(cfg: TrainParams, paths: Paths, key: dict, train_ids: list[str])
     prev = read_json(meta_path)
     if prev["run_key"] == key["key"]:
         return "QA dataset and training params unchanged (same base model and code)"
-    # The retraining threshold compares QA pairs only: another base model, params, code or chunk text always retrains.
+    # The retraining threshold compares QA pairs only: another base model, params, code or chunk text retrains.
     same_setup = (prev["train_params"] == cfg.model_dump(mode="json") and prev["base_model"] == key["base_model"]
                   and prev.get("code_hash") == key["code_hash"] and prev.get("chunks_hash") == key["chunks_hash"])
     changed = len(set(train_ids) ^ set(prev["train_pair_ids"])) / max(len(set(train_ids) | set(prev["train_pair_ids"])), 1)
