@@ -277,8 +277,8 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
         (("  max_steps:", "  max_stesp: 3\n  max_steps:"), "train: unknown key 'max_stesp' (did you mean max_steps?)"),
         (("  seed: 7\n", ""), "split.seed: missing key"),
         # Every error at once, one line each: unknown keys, then bad values, then missing keys.
-        (("  learning_rate:", "  learnig_rate:", "  seed: 7\n", "", "  max_steps:", "  max_steps: many\n  old_max_steps:",
-          "  lora_r:", "  lora_rank:"),
+        (("  learning_rate:", "  learnig_rate:", "  seed: 7\n", "", "  lora_r:", "  lora_rank:",
+          "  max_steps:", "  max_steps: many\n  old_max_steps:"),
          "train: unknown key 'lora_rank' (did you mean lora_r?)\n"
          "train: unknown key 'old_max_steps'\n"
          "train: unknown key 'learnig_rate' (did you mean learning_rate?)\n"
@@ -411,6 +411,46 @@ def test_one_pipeline_per_project(tmp_path, monkeypatch):
         child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert child.stdout.strip() == "in", child.stderr
     assert p.paths.lock.read_text() == ""  # released: no stale pid left behind
+
+
+def test_temporaries_of_a_killed_stage_are_removed_by_its_next_run(tmp_path, monkeypatch):
+    """SIGKILL skips atomic_write's cleanup: `.train.jsonl.<random>.tmp` (0 bytes, 0600) stayed for good. The next
+    run of the stage removes its own outputs' temporaries, and only while no other run holds the project lock."""
+    from flows.pipeline import pipeline
+    from tasks import split
+
+    p = make_params(tmp_path)
+    params = write_params(p, tmp_path / "params.yaml")
+    split_own = [p.paths.train_split.with_name(f".{p.paths.train_split.name}.k1ll3d_0.tmp"),
+                 p.paths.split_report.with_name(f".{p.paths.split_report.name}.x9x9x9x9.tmp")]
+    qa_own = p.paths.qa.with_name(f".{p.paths.qa.name}.abcd1234.tmp")
+    staging = p.paths.adapter.with_name(f".{p.paths.adapter.name}.s7ag1ng_")  # atomic_dir's, of train
+    kept = [p.paths.train_split.with_name("notes.tmp"), p.paths.adapter.with_name(f".{p.paths.adapter.name}.old")]
+    for f in [*split_own, qa_own, *kept]:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.touch(mode=0o600)
+    (staging / "adapter_model.safetensors").parent.mkdir(parents=True)
+    (staging / "adapter_model.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(sys, "argv", ["split", "--params", str(params)])
+
+    holder = _hold_lock(p.paths.lock)  # another pipeline runs: its temporaries may be live
+    try:
+        with pytest.raises(SystemExit, match="^error: split: another papertune run"):
+            common.run_stage(split.run, "split")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert all(f.exists() for f in [*split_own, qa_own, staging, *kept])
+
+    with pytest.raises(SystemExit, match=f"^error: split: {p.paths.qa} does not exist"):
+        common.run_stage(split.run, "split")  # fails (no QA pairs), after the cleanup
+    assert not any(f.exists() for f in split_own)
+    assert all(f.exists() for f in [qa_own, staging, *kept])  # another stage's, or not a temporary
+
+    # The flow runs every stage: every stage's temporaries go, before its first stage (here failing at once).
+    with pytest.raises(PipelineError, match="no document could be ingested"):
+        pipeline(str(params), pdf_dir=str(tmp_path / "no-pdfs"))
+    assert not qa_own.exists() and not staging.exists() and all(f.exists() for f in kept)
 
 
 def _group_alive(pgid: int) -> list[str]:
