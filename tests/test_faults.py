@@ -453,6 +453,39 @@ def test_temporaries_of_a_killed_stage_are_removed_by_its_next_run(tmp_path, mon
     assert not qa_own.exists() and not staging.exists() and all(f.exists() for f in kept)
 
 
+def test_a_training_run_that_did_not_finish_says_how_it_ended(tmp_path):
+    """Under a Prefect flow SIGTERM arrives as Prefect's TerminationSignal: a killed training's run ended FAILED
+    and kept papertune.train_decision=trained. Its tags now say what happened."""
+    from prefect.exceptions import TerminationSignal
+
+    from tasks import tracking
+
+    cfg = make_params(tmp_path).mlflow.model_copy(update={"experiment_name": "ended",
+                                                           "artifact_location": str(tmp_path / "mlartifacts")})
+    tags = {"papertune.train_decision": "trained"}
+
+    def prefect_handler(signum, frame):  # what Prefect's engine installs while a flow runs
+        raise TerminationSignal(signum)
+
+    previous = signal.signal(signal.SIGTERM, prefect_handler)
+    try:
+        with pytest.raises(TerminationSignal):
+            with tracking.start_run(cfg, "train", "train", tags=tags) as (_, killed):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)  # the signal arrives here
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(RuntimeError):
+        with tracking.start_run(cfg, "train", "train", tags=tags) as (_, failed):
+            raise RuntimeError("CUDA out of memory\nTried to allocate 2 GiB")
+    _, client, _ = tracking.open_store(cfg)
+    ended = {r.info.run_id: (r.info.status, r.data.tags["papertune.train_decision"], r.data.tags.get("papertune.end"))
+             for r in (client.get_run(killed.info.run_id), client.get_run(failed.info.run_id))}
+    assert ended == {killed.info.run_id: ("KILLED", "interrupted: SIGTERM", "interrupted: SIGTERM"),
+                     failed.info.run_id: ("FAILED", "failed: RuntimeError: CUDA out of memory",
+                                          "failed: RuntimeError: CUDA out of memory")}
+
+
 def _group_alive(pgid: int) -> list[str]:
     alive = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
