@@ -368,6 +368,22 @@ def test_corrupt_prefect_db_is_one_line(tmp_path, monkeypatch):
     assert str(e.value).startswith(f"error: split: {db} is corrupt") and "\n" not in str(e.value)
 
 
+def test_an_evaluation_mlflow_could_not_record_fails_the_stage(tmp_path, monkeypatch):
+    """With a corrupt mlflow.db, evaluate exited 0 after a warning: DVC recorded an evaluation MLflow never saw.
+    Now the stage fails in one line (exit status 1) after writing its metrics."""
+    from tasks import evaluate
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"\x00garbage" * 1000)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    p = make_params(tmp_path)
+    common.write_jsonl(p.paths.eval_split, [{"question": "What does LoRA freeze?", "answer": "The weights."}])
+    p.paths.adapter.mkdir(parents=True)
+    with pytest.raises(PipelineError, match=rf"^scores written to {p.paths.eval_metrics}, but not logged to "
+                                            rf"MLflow: MLflow store {db} is corrupt"):
+        evaluate.log_evaluation(p.mlflow, p.evaluate, {}, p.paths)
+
+
 # ---------------------------------------------------------------------------------------------- processes
 
 
