@@ -128,9 +128,7 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
         os.chmod(staging, 0o777 & ~_UMASK)
     try:
         yield staging
-        for entry in staging.rglob("*"):  # libraries write 0600 files too (safetensors): outputs follow the umask
-            if not entry.is_symlink():
-                os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~_UMASK)
+        follow_umask(staging)
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
@@ -139,6 +137,14 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def follow_umask(folder: str | Path) -> None:
+    """Give everything under `folder` the mode a new file or folder gets from the umask: libraries write 0600 files
+    (safetensors 0.8 does), and an output, a checkpoint too, gets the permissions any other file here would."""
+    for entry in Path(folder).rglob("*"):
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~_UMASK)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

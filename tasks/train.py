@@ -37,8 +37,8 @@ from prefect import task
 from tasks.adapter import META, build_prompt, reading_prompt
 from tasks.base_model import describe, load_model, load_tokenizer
 from tasks.chunk import split_sentences
-from tasks.common import (PipelineError, atomic_dir, atomic_write, code_hash, content_hash, dir_hash, logger,
-                          read_json, read_jsonl, run_stage, sha256_file, write_json)
+from tasks.common import (PipelineError, atomic_dir, atomic_write, code_hash, content_hash, dir_hash, follow_umask,
+                          logger, read_json, read_jsonl, run_stage, sha256_file, write_json)
 from tasks.params import MLflowParams, Params, Paths, TrainParams, flatten
 from tasks.tracking import ADAPTER_HASH, find_training_run, log_dataset, register, start_run
 
@@ -272,6 +272,17 @@ def setup_checkpoints(paths: Paths, key: dict) -> tuple[str | None, str | None]:
     return None, None
 
 
+def checkpoint_modes():
+    """A Trainer callback: safetensors writes a checkpoint's weights 0600; they get the umask's mode, like outputs."""
+    from transformers import TrainerCallback
+
+    class FollowUmask(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            follow_umask(args.output_dir)
+
+    return FollowUmask()
+
+
 def remember_run(paths: Paths, key: dict, run_id: str) -> None:
     """The MLflow run writing these checkpoints: a resumed training's run links to it (papertune.resumed_from)."""
     Path(paths.checkpoints).mkdir(parents=True, exist_ok=True)
@@ -417,7 +428,7 @@ def train_adapter(cfg: TrainParams, mlflow_cfg: MLflowParams, paths: Paths, reco
                           train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=with_loss_positions(collator(tokenizer, cfg.packing, cfg.max_seq_length)),
                           compute_loss_func=LinearCrossEntropy(model),  # logits only where learned, by chunks
-                          callbacks=log.callbacks)
+                          callbacks=[*log.callbacks, checkpoint_modes()])
         if resume:
             logger().info(f"train: resuming from {resume}")
         result = trainer.train(resume_from_checkpoint=resume)

@@ -237,6 +237,53 @@ def test_writes_are_atomic_with_normal_permissions(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"]
 
 
+@pytest.mark.slow  # trains the builtin model for two steps
+def test_checkpoints_get_the_usual_permissions(tmp_path, monkeypatch):
+    """safetensors writes 0600 files: a checkpoint's weights were readable by their owner only. A training stopped
+    after its first checkpoint leaves it with the umask's modes, and its run says how the training ended."""
+    from tasks import train, tracking
+    from tests.conftest import in_flow
+
+    p = make_params(tmp_path, train={"max_steps": 4, "save_steps": 1, "eval_steps": 4, "logging_steps": 1,
+                                     "per_device_train_batch_size": 2})
+    p = p.model_copy(update={"mlflow": p.mlflow.model_copy(update={
+        "experiment_name": "checkpoints", "artifact_location": str(tmp_path / "mlartifacts")})})
+    _build_base(p, seed=0)
+    text = "LoRA freezes the pretrained weights and trains two low-rank matrices per layer."
+    common.write_jsonl(p.paths.chunks, [{"chunk_id": "c", "doc_id": "d", "title": "LoRA", "section": "2 Method",
+                                         "kind": "text", "text": text}])
+    pairs = [{"pair_id": f"p{i}", "doc_id": "d", "chunk_id": "c", "question": f"What does LoRA freeze? ({i})",
+              "answer": "The pretrained weights.", "context": text} for i in range(6)]
+    common.write_jsonl(p.paths.train_split, pairs[:4])
+    common.write_jsonl(p.paths.eval_split, pairs[4:])
+    common.write_json(p.paths.split_report, {"train_hash": "t", "eval_hash": "e"})
+    original = train.make_callback
+
+    def crashing(mlflow):
+        callback = original(mlflow)
+
+        def on_step_end(args, state, control, **kwargs):
+            if state.global_step == 2:  # checkpoint-1 is saved
+                raise RuntimeError("simulated crash")
+
+        callback.on_step_end = on_step_end
+        return callback
+
+    monkeypatch.setattr(train, "make_callback", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        in_flow(train.run, p.train, p.mlflow, p.paths, p)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [f for f in (p.paths.checkpoints / "checkpoint-1").rglob("*") if f.is_file()]
+    assert "adapter_model.safetensors" in {f.name for f in files}
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o666 & ~umask) for f in files}
+
+    run_id = common.read_json(p.paths.checkpoints / "papertune_run.json")["mlflow_run_id"]
+    _, client, _ = tracking.open_store(p.mlflow)
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.tags["papertune.train_decision"]) == ("FAILED", "failed: RuntimeError: simulated crash")
+
+
 def test_unwritable_output_names_the_path(tmp_path):
     (tmp_path / "metrics").write_text("a file where a folder should be")
     with pytest.raises(PipelineError, match=r"cannot write .*metrics/train.json: .*point paths"):
