@@ -138,8 +138,15 @@ def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
 
 @slow
 def test_evaluate_reports_rouge_for_both_models(data, tmp_path):
-    if not data.paths.adapter.exists():
-        pytest.skip("needs the adapter of test_train_stage_resumes_after_interruption")
+    # An adapter of its own, two steps on the QA pairs only (the scores' shape is checked here, not their level),
+    # written beside this test so that the other tests' adapter and metrics stay as they left them.
+    moved = {k: tmp_path / Path(v).name for k, v in data.paths.model_dump().items()
+             if k in ("adapter", "checkpoints", "train_metrics", "loss_curve", "plots_dir", "eval_metrics",
+                      "predictions", "rouge_plot")}
+    data = data.model_copy(update={"paths": data.paths.model_copy(update=moved),
+                                   "train": data.train.model_copy(update={"max_steps": 2, "eval_steps": 2,
+                                                                          "read_documents": "none"})})
+    in_flow(train.run, data.train, data.mlflow, data.paths, data)
     gold = tmp_path / "gold.jsonl"
     gold.write_text("".join(json.dumps({"question": f"What does LoRA freeze? ({i})",
                                         "answer": "The pre-trained weights."}) + "\n" for i in range(3)))
