@@ -242,7 +242,7 @@ def test_checkpoints_get_the_usual_permissions(tmp_path, monkeypatch):
     """safetensors writes 0600 files: a checkpoint's weights were readable by their owner only. A training stopped
     after its first checkpoint leaves it with the umask's modes, and its run says how the training ended."""
     from tasks import train, tracking
-    from tests.conftest import in_flow
+    from tests.conftest import crash_training_at, in_flow
 
     p = make_params(tmp_path, train={"max_steps": 4, "save_steps": 1, "eval_steps": 4, "logging_steps": 1,
                                      "per_device_train_batch_size": 2})
@@ -257,19 +257,7 @@ def test_checkpoints_get_the_usual_permissions(tmp_path, monkeypatch):
     common.write_jsonl(p.paths.train_split, pairs[:4])
     common.write_jsonl(p.paths.eval_split, pairs[4:])
     common.write_json(p.paths.split_report, {"train_hash": "t", "eval_hash": "e"})
-    original = train.make_callback
-
-    def crashing(mlflow):
-        callback = original(mlflow)
-
-        def on_step_end(args, state, control, **kwargs):
-            if state.global_step == 2:  # checkpoint-1 is saved
-                raise RuntimeError("simulated crash")
-
-        callback.on_step_end = on_step_end
-        return callback
-
-    monkeypatch.setattr(train, "make_callback", crashing)
+    crash_training_at(monkeypatch, 2)  # checkpoint-1 is saved
     with pytest.raises(RuntimeError, match="simulated crash"):
         in_flow(train.run, p.train, p.mlflow, p.paths, p)
     umask = os.umask(0o022)

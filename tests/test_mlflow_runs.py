@@ -10,7 +10,7 @@ import pytest
 from tasks import evaluate, train, tracking
 from tasks.common import PipelineError, dir_hash, read_json
 from tests import mlflow_history
-from tests.conftest import in_flow
+from tests.conftest import crash_training_at, in_flow
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -197,18 +197,7 @@ def test_a_crashed_training_is_failed_and_its_resumption_is_a_new_linked_run(tra
     cfg = p.mlflow.model_copy(update={"experiment_name": "resume", "registered_model": "resume-adapter"})
     q = moved_outputs(p, tmp_path, mlflow=cfg, train=p.train.model_copy(update={"seed": 2}))
     original = train.make_callback
-
-    def crashing(mlflow):
-        callback = original(mlflow)
-
-        def on_step_end(args, state, control, **kwargs):
-            if state.global_step == 6:
-                raise RuntimeError("simulated crash")
-
-        callback.on_step_end = on_step_end
-        return callback
-
-    monkeypatch.setattr(train, "make_callback", crashing)
+    crash_training_at(monkeypatch, 6)
     with pytest.raises(RuntimeError, match="simulated crash"):
         in_flow(train.run, q.train, q.mlflow, q.paths, q)
     monkeypatch.setattr(train, "make_callback", original)

@@ -8,7 +8,7 @@ import torch
 
 from tasks import adapter, base_model, evaluate, train
 from tasks.common import PipelineError, read_json, read_jsonl
-from tests.conftest import data_half, in_flow, make_params
+from tests.conftest import crash_training_at, data_half, in_flow, make_params
 
 slow = pytest.mark.slow  # per test: the ones that train, evaluate or build the data half
 FAST = dict(max_steps=30, logging_steps=5, eval_steps=10, save_steps=10, per_device_train_batch_size=4)
@@ -101,18 +101,7 @@ def test_train_loss_falls_and_adapter_reloads_identically(data, tmp_path):
 @slow
 def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
     original = train.make_callback
-
-    def crashing(mlflow):
-        callback = original(mlflow)
-
-        def on_step_end(args, state, control, **kwargs):
-            if state.global_step == 15:
-                raise RuntimeError("simulated crash")
-
-        callback.on_step_end = on_step_end
-        return callback
-
-    monkeypatch.setattr(train, "make_callback", crashing)
+    crash_training_at(monkeypatch, 15)
     with pytest.raises(RuntimeError, match="simulated crash"):
         in_flow(train.run, data.train, data.mlflow, data.paths, data)
     assert (data.paths.checkpoints / "checkpoint-10").exists()
