@@ -14,7 +14,8 @@ from pathlib import Path
 from prefect import flow
 
 from tasks import base_model, chunk, evaluate, export, ingest, qa, split, train
-from tasks.common import PipelineError, check_prefect_db, project_lock, shown, skip_final_collection, task_runner
+from tasks.common import (PipelineError, check_prefect_db, project_lock, remove_stale_temporaries, shown,
+                          skip_final_collection, task_runner)
 from tasks.params import Params, ParamsError, load_params
 from tasks.prefect_server import local_server
 
@@ -42,6 +43,7 @@ def pipeline(params_file: str = "params.yaml", pdf_dir: str | None = None) -> di
     if pdf_dir:
         p = p.model_copy(update={"paths": p.paths.model_copy(update={"pdf_dir": Path(pdf_dir)})})
     with project_lock(p.paths.lock):  # one pipeline per project: a second one would train over the first's adapter
+        remove_stale_temporaries(p.paths)  # of every stage's outputs: a killed run's
         return stages.with_options(task_runner=task_runner(p.runner))(p)
 
 

@@ -34,7 +34,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 from tqdm.auto import tqdm
 
-from tasks.params import Params, RunnerParams, params_arg
+from tasks.params import Params, Paths, RunnerParams, params_arg
 from tasks.prefect_server import local_server
 
 
@@ -128,9 +128,7 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
         os.chmod(staging, 0o777 & ~_UMASK)
     try:
         yield staging
-        for entry in staging.rglob("*"):  # libraries write 0600 files too (safetensors): outputs follow the umask
-            if not entry.is_symlink():
-                os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~_UMASK)
+        follow_umask(staging)
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
@@ -139,6 +137,14 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def follow_umask(folder: str | Path) -> None:
+    """Give everything under `folder` the mode a new file or folder gets from the umask: libraries write 0600 files
+    (safetensors 0.8 does), and an output, a checkpoint too, gets the permissions any other file here would."""
+    for entry in Path(folder).rglob("*"):
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~_UMASK)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -524,6 +530,39 @@ def project_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)  # closing releases the flock
 
 
+def stage_outputs(paths: Paths, stages: Iterable[str] | None = None) -> list[Path]:
+    """The outputs (outs, metrics, plots) dvc.yaml declares for `stages` (every stage when None), `${paths.x}`
+    resolved from params: dvc.yaml is where a stage says what it writes."""
+    import yaml
+
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outputs = []
+    for name in declared if stages is None else stages:
+        for entry in (e for kind in ("outs", "metrics", "plots") for e in declared[name].get(kind, [])):
+            text = entry if isinstance(entry, str) else next(iter(entry))
+            field = re.fullmatch(r"\$\{paths\.(\w+)\}", text)
+            outputs.append(Path(getattr(paths, field[1])) if field else Path(text))
+    return outputs
+
+
+def remove_stale_temporaries(paths: Paths, stages: Iterable[str] | None = None) -> list[Path]:
+    """Remove what a killed write of these stages' outputs left beside them (SIGKILL skips atomic_write's cleanup):
+    mkstemp's `.qa.jsonl.k2j4x9ab.tmp`, mkdtemp's staging folder `.adapter.k2j4x9ab`. Only while this process
+    holds the project lock (or shares its holder's): otherwise another run may be writing them right now."""
+    if Path(paths.lock).resolve() not in _held:
+        return []
+    removed = []
+    for out in stage_outputs(paths, stages):
+        stale = re.compile(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}(\.tmp)?")  # tempfile's 8 random characters
+        for entry in out.parent.iterdir() if out.parent.is_dir() else []:
+            if stale.fullmatch(entry.name):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                removed.append(entry)
+    if removed:
+        logger().info(f"removed {len(removed)} temporary file(s) of a killed run: {', '.join(map(shown, removed))}")
+    return removed
+
+
 def check_prefect_db(db: str | Path | None = None) -> None:
     """Fail in one line on a corrupt local Prefect database (`db`, by default the one Prefect's settings name),
     before a flow starts a server on it (which otherwise hangs for a minute, then prints a long traceback)."""
@@ -568,6 +607,7 @@ def run_stage(stage: Callable, name: str) -> None:
         # Under `accelerate launch` every rank runs this module: rank 0 stands for the run.
         with project_lock(params.paths.lock) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
             check_prefect_db()
+            remove_stale_temporaries(params.paths, [name])
             # The server `make run` shares between stages (PREFECT_API_URL), or one of our own that cannot outlive
             # this process (Prefect's temporary server survives a SIGTERM or SIGKILL of the stage).
             with local_server():

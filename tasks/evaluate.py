@@ -300,7 +300,8 @@ def log_evaluation(mlflow: MLflowParams, evaluate: EvaluateParams, flat: dict, c
     """Every MLflow call of evaluation, into a run of its own: a child of the train run that made the adapter (found
     by the adapter's content hash; with another or a new store, a top-level run linked by the same tags). Scores,
     the eval sets as dataset inputs, files, and the promotion decision on the adapter's registered version.
-    With a store that cannot be used the metrics files stand and one warning says why."""
+    With a store that cannot be used the metrics files stand and the stage fails in one line (exit status 1), so
+    that DVC does not record an evaluation MLflow never saw and a script can tell."""
     from mlflow.entities import LoggedModelInput
 
     adapter_hash = dir_hash(paths.adapter)
@@ -308,8 +309,7 @@ def log_evaluation(mlflow: MLflowParams, evaluate: EvaluateParams, flat: dict, c
     try:
         _, client, exp_id = open_store(mlflow)
     except PipelineError as e:
-        logger().warning(f"evaluate: not logged to MLflow: {e}")
-        return
+        raise PipelineError(f"scores written to {paths.eval_metrics}, but not logged to MLflow: {e}") from None
     trained = find_training_run(client, exp_id, adapter_hash)
     version = version_of(client, mlflow, adapter_hash)
     model_id = model_id_of(version) if version is not None else None  # the logged model the train run registered

@@ -23,7 +23,7 @@ from tasks.common import (CACHE, PipelineError, logger, map_cached_iter, run_sta
                           write_jsonl)
 from tasks.params import IngestParams, Paths
 from tasks.pdf.extract import extract
-from tasks.pdf.layout import CONTROL_RE, clean
+from tasks.pdf.layout import clean
 
 # Corrupt files are expected input and get a line in the ingest report; MuPDF's own stderr messages are noise.
 pymupdf.TOOLS.mupdf_display_errors(False)
@@ -72,8 +72,9 @@ def run(ingest: IngestParams, paths: Paths) -> int:
     if not files:  # before anything is written: the last good documents and report stay as they were
         what = "no .pdf files in it" if root.is_dir() else "the folder does not exist"
         raise PipelineError(f"no document could be ingested from {root}: {what}")
-    # A file name is data: control characters (a newline, ANSI escapes) never reach a record or a log line.
-    names = sorted((CONTROL_RE.sub("\ufffd", p.relative_to(root).as_posix()), p) for p in files)
+    # A record names the file as it is on disk, control characters too (`a\n.pdf` and `a\t.pdf` are two files);
+    # log lines show them escaped (common.shown, applied to every pipeline log line).
+    names = sorted((p.relative_to(root).as_posix(), p) for p in files)
     hashes = [sha256_file(p) for _, p in names]
 
     first: dict[str, str] = {}  # content hash → first file with it

@@ -352,10 +352,10 @@ class Params(Section):
 
 
 class ParamsError(SystemExit):
-    """A bad params file: exits with one line naming the file, the key and what was expected."""
+    """A bad params file: exits with one line per error, each naming the file, the key and what was expected."""
 
     def __init__(self, message: str):
-        super().__init__(f"error: {message}")
+        super().__init__("\n".join(f"error: {line}" for line in message.splitlines()))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -368,8 +368,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     try:
         return Params.model_validate(raw)
-    except ValidationError as e:
-        raise ParamsError(f"{path}: {describe_errors(e.errors())}") from None
+    except ValidationError as e:  # every error at once: fixing one at a time costs a run per error
+        raise ParamsError("\n".join(f"{path}: {line}" for line in describe_errors(e.errors()))) from None
 
 
 def _fields_at(loc: tuple) -> list[str]:
@@ -382,26 +382,29 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def describe_errors(errors: list[dict]) -> str:
-    """The first error as one line. A typo shows as an unknown key plus a missing one: report the unknown key
-    first, with the closest valid name, and do not count the missing key it explains as another error."""
+def describe_errors(errors: list[dict]) -> list[str]:
+    """Every error as one line: unknown keys first, then bad values, then missing keys. A typo shows as an unknown
+    key plus a missing one: the unknown key is reported with the closest valid name, and the missing key it
+    explains is not reported again."""
     errors = sorted(errors, key=lambda err: {"extra_forbidden": 0, "missing": 2}.get(err["type"], 1))
-    err, rest = errors[0], errors[1:]
-    *parent, last = [str(p) for p in err["loc"]] or ["(top level)"]
-    key = ".".join([*parent, last])
-    if err["type"] == "extra_forbidden":
-        missing = [e for e in rest if e["type"] == "missing" and [str(p) for p in e["loc"][:-1]] == parent]
-        names = [str(e["loc"][-1]) for e in missing] or _fields_at(tuple(parent))
-        close = difflib.get_close_matches(last, names, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        rest = [e for e in rest if not (close and e in missing and str(e["loc"][-1]) == close[0])]
-        where = f"{'.'.join(parent)}: " if parent else ""
-        msg = f"{where}unknown key {last!r}{hint}"
-    elif err["type"] == "missing":
-        msg = f"{key}: missing key"
-    else:
-        msg = f"{key}: {err['msg']}, got {err.get('input')!r}"
-    return msg + (f" (and {len(rest)} more)" if rest else "")
+    explained: list[dict] = []  # missing keys that a typo reported above accounts for
+    lines = []
+    for err in errors:
+        *parent, last = [str(p) for p in err["loc"]] or ["(top level)"]
+        if err["type"] == "extra_forbidden":
+            missing = [e for e in errors if e["type"] == "missing" and [str(p) for p in e["loc"][:-1]] == parent
+                       and e not in explained]
+            names = [str(e["loc"][-1]) for e in missing] or _fields_at(tuple(parent))
+            close = difflib.get_close_matches(last, names, n=1, cutoff=0.6)
+            explained += [e for e in missing if close and str(e["loc"][-1]) == close[0]]
+            where = f"{'.'.join(parent)}: " if parent else ""
+            lines.append(f"{where}unknown key {last!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        elif err["type"] == "missing":
+            if err not in explained:
+                lines.append(f"{'.'.join([*parent, last])}: missing key")
+        else:
+            lines.append(f"{'.'.join([*parent, last])}: {err['msg']}, got {err.get('input')!r}")
+    return lines
 
 
 def flatten(params: Params) -> dict[str, str]:

@@ -33,6 +33,8 @@ from tasks.common import PipelineError, logger
 from tasks.params import MLflowParams
 
 KIND = "papertune.kind"  # train | train-skipped | evaluate
+END = "papertune.end"  # how a run that did not finish ended: interrupted: SIGTERM, failed: <error>, killed
+DECISION = "papertune.train_decision"  # trained | skipped: <why>; a train run that did not finish says how it ended
 ADAPTER_HASH = "papertune.adapter_hash"
 CHAMPION = "champion"
 
@@ -148,9 +150,8 @@ def close_stale_runs(client, exp_id: str) -> list[str]:
     stale = [r for r in client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=200)
              if not writer_alive(r.data.tags)]
     for r in stale:
-        client.set_tag(r.info.run_id, "papertune.end", f"process {r.data.tags['papertune.pid']} ended without "
-                       "closing the run (killed); closed by a later run")
-        client.set_terminated(r.info.run_id, "KILLED")
+        mark_ended(client, r, f"process {r.data.tags['papertune.pid']} ended without closing the run (killed); "
+                   "closed by a later run", "KILLED")
         logger().warning(f"mlflow: run {r.info.run_id} of a killed process (pid {r.data.tags['papertune.pid']}) "
                          "marked KILLED")
     return [r.info.run_id for r in stale]
@@ -166,19 +167,45 @@ def start_run(cfg: MLflowParams, kind: str, run_name: str, tags: dict | None = N
         base["prefect_flow_run_id"] = flow_run_id
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id,
                            tags={**base, **{k: str(v) for k, v in (tags or {}).items()}}, log_system_metrics=False)
-    restore = on_sigterm(lambda: client.set_terminated(run.info.run_id, "KILLED"))
+    sigterm = []  # set by the handler: under a Prefect flow, SIGTERM arrives as Prefect's TerminationSignal
+
+    def close_on_sigterm() -> None:  # at once: a SIGKILL often follows before the exception unwinds to here
+        sigterm.append(True)
+        mark_ended(client, run, "interrupted: SIGTERM", "KILLED")
+
+    restore = on_sigterm(close_on_sigterm)
     try:
         yield mlflow, run
-    except (KeyboardInterrupt, SystemExit):
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except BaseException as e:
+        why = "interrupted: SIGTERM" if sigterm else how_it_ended(e)
+        status = "FAILED" if isinstance(e, Exception) and not sigterm else "KILLED"
+        mark_ended(client, run, why, status)
+        mlflow.end_run(status)
         raise
     else:
         mlflow.end_run("FINISHED")
     finally:
         restore()
+
+
+def how_it_ended(e: BaseException) -> str:
+    """A run's end as its tags say it: `failed: <error>` for an error, `interrupted: ...` for Ctrl-C or an exit."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted: SIGINT (Ctrl-C)"
+    if isinstance(e, SystemExit):
+        return f"interrupted: exit {e.code}"
+    if not isinstance(e, Exception):  # Prefect's TerminationSignal and other signals raised as exceptions
+        return f"interrupted: {type(e).__name__} {e}".strip()
+    return (f"failed: {type(e).__name__}" + (f": {str(e).splitlines()[0]}" if str(e).strip() else ""))[:500]
+
+
+def mark_ended(client, run, why: str, status: str) -> None:
+    """Close a run that did not finish, with tags that say how it ended: a training that was killed or failed
+    no longer says `trained`."""
+    client.set_tag(run.info.run_id, END, why)
+    if run.data.tags.get(DECISION) == "trained":
+        client.set_tag(run.info.run_id, DECISION, why)
+    client.set_terminated(run.info.run_id, status)
 
 
 def on_sigterm(close) -> callable:

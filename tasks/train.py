@@ -37,8 +37,8 @@ from prefect import task
 from tasks.adapter import META, build_prompt, reading_prompt
 from tasks.base_model import describe, load_model, load_tokenizer
 from tasks.chunk import split_sentences
-from tasks.common import (PipelineError, atomic_dir, atomic_write, code_hash, content_hash, dir_hash, logger,
-                          read_json, read_jsonl, run_stage, write_json)
+from tasks.common import (PipelineError, atomic_dir, atomic_write, code_hash, content_hash, dir_hash, follow_umask,
+                          logger, read_json, read_jsonl, run_stage, sha256_file, write_json)
 from tasks.params import MLflowParams, Params, Paths, TrainParams, flatten
 from tasks.tracking import ADAPTER_HASH, find_training_run, log_dataset, register, start_run
 
@@ -291,6 +291,17 @@ def setup_checkpoints(paths: Paths, key: dict) -> tuple[str | None, str | None]:
     return None, None
 
 
+def checkpoint_modes():
+    """A Trainer callback: safetensors writes a checkpoint's weights 0600; they get the umask's mode, like outputs."""
+    from transformers import TrainerCallback
+
+    class FollowUmask(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            follow_umask(args.output_dir)
+
+    return FollowUmask()
+
+
 def remember_run(paths: Paths, key: dict, run_id: str) -> None:
     """The MLflow run writing these checkpoints: a resumed training's run links to it (papertune.resumed_from)."""
     Path(paths.checkpoints).mkdir(parents=True, exist_ok=True)
@@ -378,8 +389,10 @@ def log_skipped(mlflow_cfg: MLflowParams, paths: Paths, reason: str) -> None:
 def run_key(cfg: TrainParams, paths: Paths) -> dict:
     """What an adapter depends on: the base model's content (weights, config, tokenizer and descriptor, not just
     its name: a rebuild with another model.tiny.seed is another model), the training params, the split's content,
-    and the training code (tasks/train.py and every project module it imports, transitively)."""
+    the chunks' content when training reads documents (an edited chunk is another text to learn), and the training
+    code (tasks/train.py and every project module it imports, transitively)."""
     split = read_json(paths.split_report)
+    chunks = sha256_file(paths.chunks) if cfg.read_documents != "none" else None
     base = describe(paths.base_model)
     content = [dir_hash(paths.base_model)]
     if Path(base["load_from"]).is_dir() and Path(base["load_from"]).resolve() != Path(paths.base_model).resolve():
@@ -387,8 +400,10 @@ def run_key(cfg: TrainParams, paths: Paths) -> dict:
     base_model = {**{k: base[k] for k in ("name", "revision", "tokenizer_hash")}, "content_hash": content_hash(content)}
     code = code_hash("tasks.train")
     return {
-        "key": content_hash([base_model, cfg.model_dump(mode="json"), split["train_hash"], split["eval_hash"], code]),
+        "key": content_hash([base_model, cfg.model_dump(mode="json"), split["train_hash"], split["eval_hash"], chunks,
+                             code]),
         "train_hash": split["train_hash"],
+        "chunks_hash": chunks,
         "base_model": base_model,
         "code_hash": code,
     }
@@ -401,9 +416,9 @@ def skip_reason(cfg: TrainParams, paths: Paths, key: dict, train_ids: list[str])
     prev = read_json(meta_path)
     if prev["run_key"] == key["key"]:
         return "QA dataset and training params unchanged (same base model and code)"
-    # The retraining threshold compares data only: another base model, params or code always retrains.
+    # The retraining threshold compares QA pairs only: another base model, params, code or chunk text retrains.
     same_setup = (prev["train_params"] == cfg.model_dump(mode="json") and prev["base_model"] == key["base_model"]
-                  and prev.get("code_hash") == key["code_hash"])
+                  and prev.get("code_hash") == key["code_hash"] and prev.get("chunks_hash") == key["chunks_hash"])
     changed = len(set(train_ids) ^ set(prev["train_pair_ids"])) / max(len(set(train_ids) | set(prev["train_pair_ids"])), 1)
     if same_setup and changed < cfg.min_changed_fraction:
         return f"only {changed:.1%} of training pairs changed (< train.min_changed_fraction={cfg.min_changed_fraction})"
@@ -432,7 +447,7 @@ def train_adapter(cfg: TrainParams, mlflow_cfg: MLflowParams, paths: Paths, reco
                           train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=with_loss_positions(collator(tokenizer, cfg.packing, cfg.max_seq_length)),
                           compute_loss_func=LinearCrossEntropy(model),  # logits only where learned, by chunks
-                          callbacks=log.callbacks)
+                          callbacks=[*log.callbacks, checkpoint_modes()])
         if resume:
             logger().info(f"train: resuming from {resume}")
         result = trainer.train(resume_from_checkpoint=resume)
@@ -470,7 +485,7 @@ def save_adapter(paths: Paths, cfg: TrainParams, model, tokenizer, record: dict,
             "prompt_template": cfg.prompt_template, "system_prompt": cfg.system_prompt,
             "quantization": cfg.quantization, "compute_dtype": cfg.compute_dtype,
             "train_pair_ids": record["train_pair_ids"],  # no MLflow run id: DVC tracks this folder
-            "code_hash": key["code_hash"],
+            "code_hash": key["code_hash"], "chunks_hash": key["chunks_hash"],
             # What the model read, and how a passage was shown to it (ask and evaluate use the same prompts).
             "read_documents": cfg.read_documents, "documents_read": record["read_documents"],
             "reading_questions": cfg.reading_questions,

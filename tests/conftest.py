@@ -134,6 +134,26 @@ def in_flow(fn, *args, **kwargs):
     return flow(name="test-stage")(fn)(*args, **kwargs)
 
 
+def crash_training_at(monkeypatch, step: int) -> None:
+    """Training raises RuntimeError("simulated crash") at the end of optimizer step `step`, after the checkpoints
+    of the steps before it are saved (as a crash or a kill would leave them); the test's end restores it."""
+    from tasks import train
+
+    original = train.make_callback
+
+    def crashing(mlflow):
+        callback = original(mlflow)
+
+        def on_step_end(args, state, control, **kwargs):
+            if state.global_step == step:
+                raise RuntimeError("simulated crash")
+
+        callback.on_step_end = on_step_end
+        return callback
+
+    monkeypatch.setattr(train, "make_callback", crashing)
+
+
 def write_params(p: Params, path: Path) -> Path:
     import yaml
 

@@ -103,11 +103,21 @@ def test_training_key_covers_base_model_content_and_code(tmp_path, monkeypatch):
     p = make_params(tmp_path, train={"min_changed_fraction": 1.0})  # data-wise, any change would be skipped
     _build_base(p, seed=0)
     common.write_json(p.paths.split_report, {"train_hash": "t", "eval_hash": "e"})
+    chunks = [{"chunk_id": f"c{i}", "doc_id": "d", "title": "LoRA", "section": "Method", "text": f"Text {i}."}
+              for i in range(2)]
+    common.write_jsonl(p.paths.chunks, chunks)
     key = run_key(p.train, p.paths)
     common.write_json(p.paths.adapter / META, {
         "run_key": key["key"], "base_model": key["base_model"], "train_params": p.train.model_dump(mode="json"),
-        "code_hash": key["code_hash"], "train_pair_ids": ["a", "b"]})
+        "code_hash": key["code_hash"], "chunks_hash": key.get("chunks_hash"), "train_pair_ids": ["a", "b"]})
     assert skip_reason(p.train, p.paths, key, ["a", "b"]).startswith("QA dataset and training params unchanged")
+
+    # Training reads the documents' text (train.read_documents: all): one edited chunk, same QA pairs, retrains.
+    assert p.train.read_documents == "all"
+    common.write_jsonl(p.paths.chunks, [chunks[0], {**chunks[1], "text": "Text 1, corrected."}])
+    reread = run_key(p.train, p.paths)
+    assert reread["key"] != key["key"] and skip_reason(p.train, p.paths, reread, ["a", "b"]) is None
+    common.write_jsonl(p.paths.chunks, chunks)
 
     _build_base(p, seed=1)  # same name, revision and tokenizer: other weights
     rebuilt = run_key(p.train, p.paths)
@@ -128,11 +138,34 @@ def test_dvc_yaml_declares_exactly_the_code_each_stage_imports():
         assert "tasks/params.py" in declared
         if name != "params":
             assert "${paths.params_check}" in stages[name]["deps"], name  # a bad params file stops DVC first
-            outs = [o for kind in ("outs", "metrics", "plots") for o in stages[name].get(kind, [])]
-            # DVC deletes outputs before running a stage unless they persist; stages replace them on success.
-            assert all(isinstance(o, dict) and next(iter(o.values())).get("persist") for o in outs), name
+        outs = [o for kind in ("outs", "metrics", "plots") for o in stages[name].get(kind, [])]
+        # DVC deletes outputs before running a stage unless they persist; stages replace them on success.
+        assert outs and all(isinstance(o, dict) and next(iter(o.values())).get("persist") for o in outs), name
     assert "params.yaml" in stages["params"]["deps"]
     assert "${paths.base_model}" in stages["evaluate"]["deps"]  # a rebuilt base model re-runs evaluation
+
+
+def test_dvc_yaml_declares_every_path_each_stage_reads_or_writes():
+    """A file a stage's module names (paths.<field>) is its dep or its output in dvc.yaml: an undeclared input
+    (train reading paths.chunks) leaves DVC serving an adapter trained on the old text."""
+    import re
+
+    from tasks.params import Paths
+
+    # Never DVC's: caches and checkpoints a stage keeps for itself, plots only logged to MLflow, the lock.
+    private = {"qa_cache", "checkpoints", "plots_dir", "lock"}
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        if name == "params":
+            continue
+        source = (ROOT / "tasks" / f"{name}.py").read_text()
+        used = set(re.findall(r"\bpaths\.(\w+)", source)) & set(Paths.model_fields) - private
+        entries = [*stage["deps"], *(o for kind in ("outs", "metrics", "plots") for o in stage.get(kind, []))]
+        declared = {re.fullmatch(r"\$\{paths\.(\w+)\}", e if isinstance(e, str) else next(iter(e)))
+                    for e in entries}
+        missing = used - {m[1] for m in declared if m}
+        assert not missing, f"dvc.yaml stage {name} reads or writes undeclared paths: {sorted(missing)}"
+    assert "${paths.chunks}" in stages["train"]["deps"]
 
 
 # ---------------------------------------------------------------------------------------------- keep good outputs
@@ -154,7 +187,8 @@ def test_bad_params_stop_dvc_repro_before_any_output_is_removed(tmp_path):
     assert "\n  learning_rate:" in (ROOT / "params.yaml").read_text()
     work = dvc_project(tmp_path, (ROOT / "params.yaml").read_text().replace("  learning_rate:", "  learnig_rate:"))
     kept = {"data/adapter/adapter_model.safetensors": "weights", "metrics/train.json": '{"train_loss": 1.0}',
-            "metrics/loss.csv": "step,train_loss,eval_loss\n", "data/qa.jsonl": '{"question": "q"}\n'}
+            "metrics/loss.csv": "step,train_loss,eval_loss\n", "data/qa.jsonl": '{"question": "q"}\n',
+            "data/params.ok": "params.yaml is valid\n"}  # the params stage's own output too
     for rel, text in kept.items():
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         (work / rel).write_text(text)
@@ -203,6 +237,41 @@ def test_writes_are_atomic_with_normal_permissions(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"]
 
 
+@pytest.mark.slow  # trains the builtin model for two steps
+def test_checkpoints_get_the_usual_permissions(tmp_path, monkeypatch):
+    """safetensors writes 0600 files: a checkpoint's weights were readable by their owner only. A training stopped
+    after its first checkpoint leaves it with the umask's modes, and its run says how the training ended."""
+    from tasks import train, tracking
+    from tests.conftest import crash_training_at, in_flow
+
+    p = make_params(tmp_path, train={"max_steps": 4, "save_steps": 1, "eval_steps": 4, "logging_steps": 1,
+                                     "per_device_train_batch_size": 2})
+    p = p.model_copy(update={"mlflow": p.mlflow.model_copy(update={
+        "experiment_name": "checkpoints", "artifact_location": str(tmp_path / "mlartifacts")})})
+    _build_base(p, seed=0)
+    text = "LoRA freezes the pretrained weights and trains two low-rank matrices per layer."
+    common.write_jsonl(p.paths.chunks, [{"chunk_id": "c", "doc_id": "d", "title": "LoRA", "section": "2 Method",
+                                         "kind": "text", "text": text}])
+    pairs = [{"pair_id": f"p{i}", "doc_id": "d", "chunk_id": "c", "question": f"What does LoRA freeze? ({i})",
+              "answer": "The pretrained weights.", "context": text} for i in range(6)]
+    common.write_jsonl(p.paths.train_split, pairs[:4])
+    common.write_jsonl(p.paths.eval_split, pairs[4:])
+    common.write_json(p.paths.split_report, {"train_hash": "t", "eval_hash": "e"})
+    crash_training_at(monkeypatch, 2)  # checkpoint-1 is saved
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        in_flow(train.run, p.train, p.mlflow, p.paths, p)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [f for f in (p.paths.checkpoints / "checkpoint-1").rglob("*") if f.is_file()]
+    assert "adapter_model.safetensors" in {f.name for f in files}
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o666 & ~umask) for f in files}
+
+    run_id = common.read_json(p.paths.checkpoints / "papertune_run.json")["mlflow_run_id"]
+    _, client, _ = tracking.open_store(p.mlflow)
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.tags["papertune.train_decision"]) == ("FAILED", "failed: RuntimeError: simulated crash")
+
+
 def test_unwritable_output_names_the_path(tmp_path):
     (tmp_path / "metrics").write_text("a file where a folder should be")
     with pytest.raises(PipelineError, match=r"cannot write .*metrics/train.json: .*point paths"):
@@ -242,7 +311,14 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
         (("train:", "trian:"), "unknown key 'trian' (did you mean train?)"),
         (("  max_steps:", "  max_stesp: 3\n  max_steps:"), "train: unknown key 'max_stesp' (did you mean max_steps?)"),
         (("  seed: 7\n", ""), "split.seed: missing key"),
-        (("  learning_rate:", "  learnig_rate:", "  seed: 7\n", ""), "train: unknown key 'learnig_rate' (did you mean learning_rate?) (and 1 more)"),
+        # Every error at once, one line each: unknown keys, then bad values, then missing keys.
+        (("  learning_rate:", "  learnig_rate:", "  seed: 7\n", "", "  lora_r:", "  lora_rank:",
+          "  max_steps:", "  max_steps: many\n  old_max_steps:"),
+         "train: unknown key 'lora_rank' (did you mean lora_r?)\n"
+         "train: unknown key 'old_max_steps'\n"
+         "train: unknown key 'learnig_rate' (did you mean learning_rate?)\n"
+         "train.max_steps: Input should be a valid integer, unable to parse string as an integer, got 'many'\n"
+         "split.seed: missing key"),
     ],
 )
 def test_params_typo_says_unknown_key_first(tmp_path, edit, message):
@@ -253,7 +329,7 @@ def test_params_typo_says_unknown_key_first(tmp_path, edit, message):
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(SystemExit) as e:
         load_params(tmp_path / "params.yaml")
-    assert str(e.value) == f"error: {tmp_path / 'params.yaml'}: {message}"
+    assert str(e.value) == "\n".join(f"error: {tmp_path / 'params.yaml'}: {line}" for line in message.splitlines())
 
 
 def _corrupt_dbs(tmp_path: Path) -> dict[str, Path]:
@@ -327,6 +403,22 @@ def test_corrupt_prefect_db_is_one_line(tmp_path, monkeypatch):
     assert str(e.value).startswith(f"error: split: {db} is corrupt") and "\n" not in str(e.value)
 
 
+def test_an_evaluation_mlflow_could_not_record_fails_the_stage(tmp_path, monkeypatch):
+    """With a corrupt mlflow.db, evaluate exited 0 after a warning: DVC recorded an evaluation MLflow never saw.
+    Now the stage fails in one line (exit status 1) after writing its metrics."""
+    from tasks import evaluate
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"\x00garbage" * 1000)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    p = make_params(tmp_path)
+    common.write_jsonl(p.paths.eval_split, [{"question": "What does LoRA freeze?", "answer": "The weights."}])
+    p.paths.adapter.mkdir(parents=True)
+    with pytest.raises(PipelineError, match=rf"^scores written to {p.paths.eval_metrics}, but not logged to "
+                                            rf"MLflow: MLflow store {db} is corrupt"):
+        evaluate.log_evaluation(p.mlflow, p.evaluate, {}, p.paths)
+
+
 # ---------------------------------------------------------------------------------------------- processes
 
 
@@ -370,6 +462,79 @@ def test_one_pipeline_per_project(tmp_path, monkeypatch):
         child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert child.stdout.strip() == "in", child.stderr
     assert p.paths.lock.read_text() == ""  # released: no stale pid left behind
+
+
+def test_temporaries_of_a_killed_stage_are_removed_by_its_next_run(tmp_path, monkeypatch):
+    """SIGKILL skips atomic_write's cleanup: `.train.jsonl.<random>.tmp` (0 bytes, 0600) stayed for good. The next
+    run of the stage removes its own outputs' temporaries, and only while no other run holds the project lock."""
+    from flows.pipeline import pipeline
+    from tasks import split
+
+    p = make_params(tmp_path)
+    params = write_params(p, tmp_path / "params.yaml")
+    split_own = [p.paths.train_split.with_name(f".{p.paths.train_split.name}.k1ll3d_0.tmp"),
+                 p.paths.split_report.with_name(f".{p.paths.split_report.name}.x9x9x9x9.tmp")]
+    qa_own = p.paths.qa.with_name(f".{p.paths.qa.name}.abcd1234.tmp")
+    staging = p.paths.adapter.with_name(f".{p.paths.adapter.name}.s7ag1ng_")  # atomic_dir's, of train
+    kept = [p.paths.train_split.with_name("notes.tmp"), p.paths.adapter.with_name(f".{p.paths.adapter.name}.old")]
+    for f in [*split_own, qa_own, *kept]:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.touch(mode=0o600)
+    (staging / "adapter_model.safetensors").parent.mkdir(parents=True)
+    (staging / "adapter_model.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(sys, "argv", ["split", "--params", str(params)])
+
+    holder = _hold_lock(p.paths.lock)  # another pipeline runs: its temporaries may be live
+    try:
+        with pytest.raises(SystemExit, match="^error: split: another papertune run"):
+            common.run_stage(split.run, "split")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert all(f.exists() for f in [*split_own, qa_own, staging, *kept])
+
+    with pytest.raises(SystemExit, match=f"^error: split: {p.paths.qa} does not exist"):
+        common.run_stage(split.run, "split")  # fails (no QA pairs), after the cleanup
+    assert not any(f.exists() for f in split_own)
+    assert all(f.exists() for f in [qa_own, staging, *kept])  # another stage's, or not a temporary
+
+    # The flow runs every stage: every stage's temporaries go, before its first stage (here failing at once).
+    with pytest.raises(PipelineError, match="no document could be ingested"):
+        pipeline(str(params), pdf_dir=str(tmp_path / "no-pdfs"))
+    assert not qa_own.exists() and not staging.exists() and all(f.exists() for f in kept)
+
+
+def test_a_training_run_that_did_not_finish_says_how_it_ended(tmp_path):
+    """Under a Prefect flow SIGTERM arrives as Prefect's TerminationSignal: a killed training's run ended FAILED
+    and kept papertune.train_decision=trained. Its tags now say what happened."""
+    from prefect.exceptions import TerminationSignal
+
+    from tasks import tracking
+
+    cfg = make_params(tmp_path).mlflow.model_copy(update={"experiment_name": "ended",
+                                                           "artifact_location": str(tmp_path / "mlartifacts")})
+    tags = {"papertune.train_decision": "trained"}
+
+    def prefect_handler(signum, frame):  # what Prefect's engine installs while a flow runs
+        raise TerminationSignal(signum)
+
+    previous = signal.signal(signal.SIGTERM, prefect_handler)
+    try:
+        with pytest.raises(TerminationSignal):
+            with tracking.start_run(cfg, "train", "train", tags=tags) as (_, killed):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)  # the signal arrives here
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(RuntimeError):
+        with tracking.start_run(cfg, "train", "train", tags=tags) as (_, failed):
+            raise RuntimeError("CUDA out of memory\nTried to allocate 2 GiB")
+    _, client, _ = tracking.open_store(cfg)
+    ended = {r.info.run_id: (r.info.status, r.data.tags["papertune.train_decision"], r.data.tags.get("papertune.end"))
+             for r in (client.get_run(killed.info.run_id), client.get_run(failed.info.run_id))}
+    assert ended == {killed.info.run_id: ("KILLED", "interrupted: SIGTERM", "interrupted: SIGTERM"),
+                     failed.info.run_id: ("FAILED", "failed: RuntimeError: CUDA out of memory",
+                                          "failed: RuntimeError: CUDA out of memory")}
 
 
 def _group_alive(pgid: int) -> list[str]:
@@ -435,3 +600,24 @@ def test_log_lines_escape_control_characters(caplog):
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         assert any(isinstance(f, common._EscapeControlChars) for f in logging.getLogger(name).filters)
+
+
+def test_file_names_differing_only_in_control_characters_are_two_files(tmp_path, fresh_cache, caplog):
+    """`a\\n.pdf` and `a\\t.pdf` used to become one name (control characters replaced), and ingest crashed
+    (generator raised StopIteration); records and the report name each file as it is on disk."""
+    from tasks import ingest
+    from tests.conftest import SAMPLE_PDFS, in_flow
+
+    pdfs = tmp_path / "pdfs"
+    pdfs.mkdir()
+    sample = sorted(SAMPLE_PDFS.glob("*.pdf"))[0]
+    for name in ("a\n.pdf", "a\t.pdf"):
+        shutil.copy(sample, pdfs / name)
+    p = make_params(tmp_path, pdf_dir=pdfs)
+    with caplog.at_level("WARNING"):
+        assert in_flow(ingest.run, p.ingest, p.paths) == 1
+    [doc] = read_jsonl(p.paths.documents)
+    assert doc["file"] == "a\t.pdf" and (pdfs / doc["file"]).is_file()
+    report = common.read_json(p.paths.ingest_report)["files"]
+    assert [(f["file"], f["reason"]) for f in report] == [("a\t.pdf", None), ("a\n.pdf", "duplicate of a\t.pdf")]
+    assert "ingest: skipped a\\n.pdf: duplicate of a\\t.pdf" in caplog.messages  # escaped: one log line

@@ -454,8 +454,8 @@ def test_nothing_ingested_fails_with_the_folder_named(tmp_path, fresh_cache):
         assert (p.paths.ingest_report.read_bytes(), p.paths.documents.read_bytes()) == before
 
 
-def test_file_names_and_titles_lose_control_characters(tmp_path, fresh_cache):
-    """A file name is data: a newline or an ANSI escape in it never reaches a record (nor a log line)."""
+def test_file_names_keep_and_titles_lose_control_characters(tmp_path, fresh_cache):
+    """A file name is data: the record names the file on disk; a title made from it is cleaned."""
     pdfs = tmp_path / "pdfs"
     pdfs.mkdir()
     body = [f"Body line {i} of a paper whose metadata title is a URL." for i in range(6)]
@@ -463,7 +463,7 @@ def test_file_names_and_titles_lose_control_characters(tmp_path, fresh_cache):
     p = make_params(tmp_path, pdf_dir=pdfs)
     in_flow(ingest.run, p.ingest, p.paths)
     [doc] = read_jsonl(p.paths.documents)
-    assert doc["file"] == "evil\ufffd\ufffd[31mname.pdf"
+    assert doc["file"] == "evil\n\x1b[31mname.pdf" and (pdfs / doc["file"]).is_file()
     assert read_json(p.paths.ingest_report)["files"][0]["file"] == doc["file"]
     assert doc["title"] == "evil [31mname"  # the file name stands in for the title, cleaned the same way
 

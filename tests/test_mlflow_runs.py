@@ -3,15 +3,14 @@ thing that happened, datasets as inputs, the adapter as a registered pyfunc that
 training's store."""
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
 
 from tasks import evaluate, train, tracking
-from tasks.common import dir_hash, read_json
+from tasks.common import PipelineError, dir_hash, read_json
 from tests import mlflow_history
-from tests.conftest import in_flow
+from tests.conftest import crash_training_at, in_flow
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -141,17 +140,16 @@ def test_evaluate_stands_alone_with_another_store(trained, tmp_path, monkeypatch
     assert "no registered version" in r.data.tags["papertune.promotion"]
 
 
-def test_evaluate_with_a_corrupt_store_keeps_its_metrics_and_warns(trained, tmp_path, monkeypatch, caplog):
+def test_evaluate_with_a_corrupt_store_keeps_its_metrics_and_fails(trained, tmp_path, monkeypatch):
     p, *_ = trained
     db = tmp_path / "mlflow.db"
     db.write_bytes(b"\x00garbage" * 1000)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     p.paths.eval_metrics.unlink()
-    with caplog.at_level(logging.WARNING):
-        report = in_flow(evaluate.run, p.evaluate, p.qa, p.mlflow, p.paths)
-    assert json.loads(p.paths.eval_metrics.read_text()) == report
-    warnings = [m for m in caplog.messages if "not logged to MLflow" in m]
-    assert len(warnings) == 1 and f"MLflow store {db} is corrupt" in warnings[0] and "\n" not in warnings[0]
+    with pytest.raises(PipelineError, match=f"not logged to MLflow: MLflow store {db} is corrupt") as e:
+        in_flow(evaluate.run, p.evaluate, p.qa, p.mlflow, p.paths)
+    assert "\n" not in str(e.value)
+    assert set(p.evaluate.modes) <= set(json.loads(p.paths.eval_metrics.read_text()))  # the scores stand
 
 
 def test_a_champion_scored_on_another_eval_set_is_rescored_before_comparing(trained, tmp_path):
@@ -199,18 +197,7 @@ def test_a_crashed_training_is_failed_and_its_resumption_is_a_new_linked_run(tra
     cfg = p.mlflow.model_copy(update={"experiment_name": "resume", "registered_model": "resume-adapter"})
     q = moved_outputs(p, tmp_path, mlflow=cfg, train=p.train.model_copy(update={"seed": 2}))
     original = train.make_callback
-
-    def crashing(mlflow):
-        callback = original(mlflow)
-
-        def on_step_end(args, state, control, **kwargs):
-            if state.global_step == 6:
-                raise RuntimeError("simulated crash")
-
-        callback.on_step_end = on_step_end
-        return callback
-
-    monkeypatch.setattr(train, "make_callback", crashing)
+    crash_training_at(monkeypatch, 6)
     with pytest.raises(RuntimeError, match="simulated crash"):
         in_flow(train.run, q.train, q.mlflow, q.paths, q)
     monkeypatch.setattr(train, "make_callback", original)

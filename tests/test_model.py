@@ -8,7 +8,7 @@ import torch
 
 from tasks import adapter, base_model, evaluate, scores, train
 from tasks.common import PipelineError, read_json, read_jsonl
-from tests.conftest import data_half, in_flow, make_params
+from tests.conftest import crash_training_at, data_half, in_flow, make_params
 
 slow = pytest.mark.slow  # per test: the ones that train, evaluate or build the data half
 FAST = dict(max_steps=30, logging_steps=5, eval_steps=10, save_steps=10, per_device_train_batch_size=4)
@@ -101,18 +101,7 @@ def test_train_loss_falls_and_adapter_reloads_identically(data, tmp_path):
 @slow
 def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
     original = train.make_callback
-
-    def crashing(mlflow):
-        callback = original(mlflow)
-
-        def on_step_end(args, state, control, **kwargs):
-            if state.global_step == 15:
-                raise RuntimeError("simulated crash")
-
-        callback.on_step_end = on_step_end
-        return callback
-
-    monkeypatch.setattr(train, "make_callback", crashing)
+    crash_training_at(monkeypatch, 15)
     with pytest.raises(RuntimeError, match="simulated crash"):
         in_flow(train.run, data.train, data.mlflow, data.paths, data)
     assert (data.paths.checkpoints / "checkpoint-10").exists()
@@ -138,8 +127,15 @@ def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
 
 @slow
 def test_evaluate_reports_rouge_for_both_models(data, tmp_path):
-    if not data.paths.adapter.exists():
-        pytest.skip("needs the adapter of test_train_stage_resumes_after_interruption")
+    # An adapter of its own, two steps on the QA pairs only (the scores' shape is checked here, not their level),
+    # written beside this test so that the other tests' adapter and metrics stay as they left them.
+    moved = {k: tmp_path / Path(v).name for k, v in data.paths.model_dump().items()
+             if k in ("adapter", "checkpoints", "train_metrics", "loss_curve", "plots_dir", "eval_metrics",
+                      "predictions", "rouge_plot")}
+    data = data.model_copy(update={"paths": data.paths.model_copy(update=moved),
+                                   "train": data.train.model_copy(update={"max_steps": 2, "eval_steps": 2,
+                                                                          "read_documents": "none"})})
+    in_flow(train.run, data.train, data.mlflow, data.paths, data)
     gold = tmp_path / "gold.jsonl"
     gold.write_text("".join(json.dumps({"question": f"What does LoRA freeze? ({i})",
                                         "answer": "The pre-trained weights."}) + "\n" for i in range(3)))

@@ -50,12 +50,14 @@ def test_malformed_replies_are_counted_never_cached_and_nothing_is_written(tiny,
     assert p.paths.qa.read_text() == '{"previous": "run"}\n'  # the previous good output stays
 
 
-def test_pairs_asked_in_proportion_to_chunk_length(tiny):
-    assert [qa.pairs_wanted(c, tiny.qa) for c in CHUNKS] == [
-        max(1, min(tiny.qa.max_pairs_per_chunk, round(c["n_tokens"] / tiny.qa.teacher.tokens_per_pair)))
-        for c in CHUNKS]
-    assert qa.pairs_wanted(CHUNKS[0], tiny.qa) < qa.pairs_wanted(CHUNKS[-1], tiny.qa)
-    prompt = tiny.qa.teacher.prompt_template.format(title="LoRA", section="2 Method", text="T", n=3)
+def test_pairs_asked_in_proportion_to_chunk_length(tmp_path):
+    cfg = make_params(tmp_path).qa
+    cfg = cfg.model_copy(update={"max_pairs_per_chunk": 3,
+                                 "teacher": cfg.teacher.model_copy(update={"tokens_per_pair": 40})})
+    # 10 / 40 tokens: at least one pair; 50 / 40 = 1.25 → 1 and 70 / 40 = 1.75 → 2 (rounded, neither floor nor
+    # ceiling); 110 / 40 → 3; 150 / 40 = 3.75 → 3, the cap.
+    assert [qa.pairs_wanted({"n_tokens": n}, cfg) for n in (10, 50, 70, 110, 150)] == [1, 1, 2, 3, 3]
+    prompt = cfg.teacher.prompt_template.format(title="LoRA", section="2 Method", text="T", n=3)
     assert "Write 3 question-answer pairs" in prompt and '"LoRA"' in prompt and "Table 3" in prompt
 
 

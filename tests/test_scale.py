@@ -60,8 +60,9 @@ def test_retraining_threshold_on_changed_training_pairs(tmp_path):
     base = {"name": "builtin:tiny-llama", "revision": None, "tokenizer_hash": "t"}
     old_ids = [f"pair{i}" for i in range(100)]
     write_json(p.paths.adapter / train.META, {"run_key": "old", "train_params": p.train.model_dump(mode="json"),
-                                              "base_model": base, "train_pair_ids": old_ids, "code_hash": "c"})
-    key = {"key": "new", "base_model": base, "code_hash": "c"}
+                                              "base_model": base, "train_pair_ids": old_ids, "code_hash": "c",
+                                              "chunks_hash": "h"})
+    key = {"key": "new", "base_model": base, "code_hash": "c", "chunks_hash": "h"}
     assert train.skip_reason(p.train, p.paths, {**key, "key": "old"}, old_ids).startswith(
         "QA dataset and training params unchanged")
     few_new = old_ids[:95] + [f"new{i}" for i in range(5)]  # 10 of 105 ids differ: 9.5%
@@ -72,14 +73,50 @@ def test_retraining_threshold_on_changed_training_pairs(tmp_path):
     assert train.skip_reason(other_params, p.paths, key, few_new) is None  # new params always retrain
 
 
-def test_make_serve_uses_the_deployment_of_prefect_yaml():
-    from flows.pipeline import pipeline
-    from flows.serve import nightly
+def test_make_serve_uses_the_deployment_of_prefect_yaml(tmp_path, monkeypatch):
+    """`make serve` serves the name, cron, timezone, parameters and description written in prefect.yaml: here a copy
+    with other values, served by a stand-in for Prefect's Runner (the real serving is test_faults.py's)."""
+    from contextlib import contextmanager
 
-    d = nightly()
-    deployment = pipeline.to_deployment(name=d["name"], cron=d["schedules"][0]["cron"], parameters=d["parameters"])
-    assert deployment.name == "nightly" and deployment.parameters == {"params_file": "params.yaml", "pdf_dir": None}
-    assert deployment.schedules[0].schedule.cron == "0 3 * * *"
+    import yaml
+
+    from flows import serve
+    from flows.pipeline import pipeline
+    from tests.conftest import ROOT
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    [nightly] = [d for d in spec["deployments"] if d["name"] == "nightly"]
+    nightly.update(description="Weekly, Paris time.", parameters={"params_file": "other.yaml", "pdf_dir": "corpus"},
+                   schedules=[{"cron": "15 4 * * 1", "timezone": "Europe/Paris", "active": True}])
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    served = {}
+
+    class Runner:  # records what would be served
+        def __init__(self, name, **kwargs):
+            served["runner"] = name
+
+        def add_flow(self, flow, **kwargs):
+            served.update(kwargs, flow=flow)
+
+        async def start(self):
+            pass
+
+    @contextmanager
+    def no_server(services):
+        yield "http://127.0.0.1:1/api"
+
+    monkeypatch.setattr("prefect.runner.Runner", Runner)
+    monkeypatch.setattr(serve, "local_server", no_server)
+    monkeypatch.setattr(serve, "check_prefect_db", lambda: None)
+    monkeypatch.setattr(serve.signal, "signal", lambda *args: None)  # pytest's SIGTERM handling stays as it is
+    monkeypatch.setattr(serve.multiprocessing, "active_children", lambda: [])  # other tests' pool workers live on
+    serve.serve()
+    [schedule] = served["schedules"]
+    assert (served["runner"], served["name"], served["flow"]) == ("nightly", "nightly", pipeline)
+    assert served["parameters"] == {"params_file": "other.yaml", "pdf_dir": "corpus"}
+    assert served["description"] == "Weekly, Paris time."
+    assert (schedule.cron, schedule.timezone) == ("15 4 * * 1", "Europe/Paris")
 
 
 def test_loss_on_kept_positions_by_chunks_equals_the_models_own_loss():
