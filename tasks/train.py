@@ -247,6 +247,7 @@ def training_kwargs(cfg: TrainParams, output_dir: Path, cuda: bool) -> dict:
         logging_steps=cfg.logging_steps,
         eval_strategy="steps",
         eval_steps=cfg.eval_steps,
+        eval_on_start=True,  # the base model's held-out loss: where the curve starts, what training must beat
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
