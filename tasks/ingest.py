@@ -99,6 +99,10 @@ def run(ingest: IngestParams, paths: Paths) -> int:
             record.update(file=name, title=result["title"] or clean(path.stem))
             fidelity = {**result["fidelity"], "outline_used": record["outline_used"],
                         "appendix_found": record["appendix_found"]}
+            if fidelity["references_implausible"]:
+                log.warning(f"ingest: {name}: only {fidelity['dropped_chars']['references']} characters of "
+                            f"reference list cut, of {fidelity['reference_like_chars']} that read as references: "
+                            f"entries are likely left in the text")
             report.append(dict(file=name, status="ok", reason=None, doc_id=h, title=record["title"],
                                pages=record["page_count"], sections=len(record["sections"]), fidelity=fidelity))
             pages += record["page_count"]

@@ -352,6 +352,71 @@ def test_two_column_layout(tmp_path):
     assert not any(re.fullmatch(r"\d+", b["text"]) for b in blocks(doc))
 
 
+NUMBERED = "[{n}] Ada Lovelace{n}, Bob Sample, and Carl Tester. A study of topic {n} in language models. arXiv " \
+    "preprint arXiv:2301.{n:05d}, 2022."
+AUTHOR_YEAR = "Lovelace{n}, A., Sample, B., and Tester, C. Scaling topic {n} with tests. In Proceedings of the " \
+    "Conference on Tests, pp. 1-10, 2021."
+
+
+def unheaded_references_paper(path: Path, entries: list[str]) -> None:
+    """Single column, an outline without a "References" entry, and no reference heading at all: the entries run
+    from the last body section over two pages, and an appendix follows them."""
+    doc = pymupdf.open()
+    p = doc.new_page(width=612, height=792)
+    write_lines(p, 100, 80, ["A Study Without a Reference Heading"], 16, "hebo")
+    y = write_lines(p, 72, 130, ["1 Introduction"], 12, "hebo")
+    y = write_lines(p, 72, y, ["The introduction explains why reference lists must be found by their entries",
+                               "when the outline and the layout give no heading for them at all."])
+    y = write_lines(p, 72, y + 6, ["2 Method"], 12, "hebo")
+    y = write_lines(p, 72, y, ["The method section is the last body section of the outline, so the list of",
+                               "references printed after it sits inside it as far as the outline can tell."])
+    for i, entry in enumerate(entries):
+        if y > 700:
+            p, y = doc.new_page(width=612, height=792), 80
+        words, rows = entry.split(), [""]
+        for w in words:  # wrapped at about 85 characters, like a printed entry
+            rows[-1:] = [rows[-1] + " " + w] if len(rows[-1]) + len(w) < 85 else [rows[-1], w]
+        y = write_lines(p, 72, y, [r.strip() for r in rows], 9) - 3
+    p = doc.new_page(width=612, height=792)
+    y = write_lines(p, 72, 80, ["A Appendix Details"], 12, "hebo")
+    write_lines(p, 72, y, ["The appendix after the list is real content of the paper and stays in the text,",
+                           "with every sentence of it kept where the list ended."])
+    doc.set_toc([[1, "Introduction", 1], [1, "Method", 1], [1, "Appendix Details", doc.page_count]])
+    doc.save(path)
+
+
+@pytest.mark.parametrize("style", ["numbered", "author-year", "mixed"])
+def test_reference_list_without_a_heading_is_found_by_its_entries(tmp_path, style):
+    entries = [(NUMBERED if style == "numbered" or (style == "mixed" and n % 2) else AUTHOR_YEAR).format(n=n)
+               for n in range(1, 19)]
+    unheaded_references_paper(tmp_path / "p.pdf", entries)
+    cfg = make_params(tmp_path).ingest
+    doc = ingest.extract_pdf.fn("id", str(tmp_path / "p.pdf"), cfg)
+    text = full_text(doc)
+    assert not re.search(r"Lovelace\d|topic \d+ (?:in|with)", text), text
+    assert "inside it as far as the outline can tell." in text and "where the list ended." in text
+    assert doc["sections"] == ["1 Introduction", "2 Method", "A Appendix Details"]
+    fidelity = doc["fidelity"]
+    assert fidelity["dropped_chars"]["references"] >= sum(map(len, entries)) * 0.95
+    assert not fidelity["references_implausible"]
+
+
+def test_a_reference_list_left_in_the_text_is_flagged(tmp_path):
+    """The report flags a document whose cut is far below its reference-looking text: here entries come in
+    groups of three between paragraphs of prose, too few together to be taken for a list, so none is cut."""
+    prose = ("This paragraph is prose that the authors wrote between the groups of entries, and it is long enough "
+             "that the reference cut must not read it as part of a list: it says what the entries are for, why they "
+             "are there and how they were chosen, in the words of the paper itself, which is what makes it prose. "
+             "It is here so that no run of entries is long enough to be taken for a list of references. It goes "
+             "on past the characters of other text that end a list (reference_stop_chars), so each group of "
+             "entries is a run of its own.")
+    entries = [NUMBERED.format(n=n) if n % 4 else prose for n in range(1, 25)]
+    unheaded_references_paper(tmp_path / "p.pdf", entries)
+    doc = ingest.extract_pdf.fn("id", str(tmp_path / "p.pdf"), make_params(tmp_path).ingest)
+    assert "Ada Lovelace3, Bob Sample" in full_text(doc)
+    assert doc["fidelity"]["references_implausible"] and doc["fidelity"]["reference_like_chars"] > 1500
+
+
 def test_line_end_hyphens():
     join = pdf_text.join_broken  # the last argument: spellings seen within lines elsewhere in the document
     assert join("the parame-", "terization of", set()) == "the parameterization of"
