@@ -43,7 +43,8 @@ APPENDIX_HEAD_RE = re.compile(r"(?:APPENDIX|Appendix|[A-H])(?:\.\d)?\.?\s+[A-Z][
 
 
 def squash(text: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", unicodedata.normalize("NFKC", text).lower())
+    """Letters and digits only, accents dropped: "Andr´es" in the text layer and "Andrés" in a record match."""
+    return re.sub(r"[^a-z0-9]", "", unicodedata.normalize("NFKD", text).lower())
 
 
 def pages_of(spec: str | None) -> list[int]:

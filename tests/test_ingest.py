@@ -190,6 +190,7 @@ def test_title_mending_and_control_characters():
     assert pdf_text.mend_title(["LARGE LAN- GUAGE MODELS"], spell) == "LARGE LANGUAGE MODELS"
     assert pdf_text.mend_title(["PARAMETER-", "EFFICIENT TUNING"], spell) == "PARAMETER-EFFICIENT TUNING"
     assert clean("A\x1b[31m Title\nwith\x00 escapes\u200b") == "A [31m Title with escapes"
+    assert clean("Sch\u00a8utze and Rockt\u00a8aschel") == "Schütze and Rocktäschel"  # TeX's loose accents
 
 
 def test_fidelity_record(sample):
@@ -415,6 +416,36 @@ def test_a_reference_list_left_in_the_text_is_flagged(tmp_path):
     doc = ingest.extract_pdf.fn("id", str(tmp_path / "p.pdf"), make_params(tmp_path).ingest)
     assert "Ada Lovelace3, Bob Sample" in full_text(doc)
     assert doc["fidelity"]["references_implausible"] and doc["fidelity"]["reference_like_chars"] > 1500
+
+
+def test_appendix_headings_run_into_text_and_prose_after_a_caption_are_split(tmp_path):
+    """An outline without the appendix's entries leaves its capitalised headings (body size, not bold) in the
+    paragraph they head; a caption's block also holds the prose set after it in body size. Both are split: the
+    headings become headings, the prose a paragraph of its own (it is not the caption's)."""
+    doc = pymupdf.open()
+    p = doc.new_page(width=612, height=792)
+    write_lines(p, 100, 80, ["A Study With an Appendix"], 16, "hebo")
+    y = write_lines(p, 72, 130, ["1 Introduction"], 12, "hebo")
+    write_lines(p, 72, y, ["The introduction is the only section in the outline of this small paper, so every",
+                           "heading of its appendix must be found in the text where it was printed."])
+    p = doc.new_page(width=612, height=792)
+    write_lines(p, 72, 80, ["D HYPERPARAMETERS USED IN EXPERIMENTS", "D.1 ROBERTA",
+                            "We train using AdamW with a linear learning rate decay schedule and a warmup",
+                            "of six percent of the steps, for every task of the benchmark."])
+    p.insert_text((72, 200), "Figure 4: Accuracy of each model on the tasks. Dashed lines indicate random guessing.",
+                  fontsize=8)
+    write_lines(p, 72, 211, ["The datasets that follow the figure are described here in the body text size,",
+                             "one after the other, with their sizes and their sources."])
+    doc.set_toc([[1, "Introduction", 1]])
+    doc.save(tmp_path / "p.pdf")
+    rec = ingest.extract_pdf.fn("id", str(tmp_path / "p.pdf"), make_params(tmp_path).ingest)
+    assert rec["sections"] == ["1 Introduction", "D HYPERPARAMETERS USED IN EXPERIMENTS", "D.1 ROBERTA"]
+    assert [b["level"] for b in blocks(rec) if b["kind"] == "heading"] == [1, 1, 2]
+    page2 = rec["pages"][1]["blocks"]
+    assert [b["kind"] for b in page2] == ["heading", "heading", "text", "caption", "text"], page2
+    assert page2[2]["text"].startswith("We train using AdamW") and page2[2]["text"].endswith("of the benchmark.")
+    assert page2[3]["text"].endswith("Dashed lines indicate random guessing.")
+    assert page2[4]["text"].startswith("The datasets that follow the figure")
 
 
 def test_line_end_hyphens():
