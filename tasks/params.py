@@ -200,6 +200,10 @@ class QAParams(Section):
     min_answer_chars: int = Field(ge=1, description="Shorter answers are dropped (a bare number or name).")
     max_answer_chars: int = Field(gt=1, description="Longer answers are dropped (a pasted paragraph).")
     min_grounding: float = Field(ge=0, le=1, description="Min ROUGE-L recall of the answer against its chunk.")
+    max_section_share: float = Field(
+        gt=0, le=1, description="Section questions ('What is the section X of Y about?', extractive backend) kept at "
+        "most at this share of each document's kept pairs; they come after its other pairs, which say more."
+    )
     near_duplicate_threshold: float = Field(
         gt=0, le=1, description="A question whose estimated Jaccard similarity (MinHash over word pairs of the "
         "normalised question, paper title removed) to an earlier kept one reaches this is dropped."

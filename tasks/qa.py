@@ -30,6 +30,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.chunk import split_sentences
 from tasks.common import (CACHE, PipelineError, content_hash, iter_jsonl, logger, map_cached_iter, run_stage,
                           write_json, write_jsonl)
 from tasks.extractive import extractive_document
@@ -132,12 +133,57 @@ def normalise(question: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", question.lower()).split())
 
 
+# What a careful reader rejects in a pair, from any backend (tests/test_data.py has a sentence of each class).
+# The paper's first person in a question ("What do the authors set for our data type?"): "us" only in lower case
+# (US is a country), "I" not inside a name ("RoBERTa-I", "Phase-I").
+_FIRST_PERSON = re.compile(r"(?<![\w-])(?:[Ww]e|[Oo]urs?|us|[Mm]y|me|I)(?![\w-])")
+# A part of a figure as the thing asked about ("What is the solid line?").
+_FIGURE_PART = re.compile(r"\b(?:the|a|an)\s+(?:\w+\s+){0,2}?(?:line|curve|bar|marker|arrow|panel|subplot|legend|"
+                          r"axis|x-axis|y-axis|shaded (?:area|region)|dot|circle|colou?r)s?\?$", re.I)
+# Words that point back to text the answer does not carry: "these limitations", "the above approach", "this
+# benchmark", "The two models are ..."; "this paper/work/section" is the paper the question names.
+_BACK_REFERENCE = re.compile(
+    r"\b(?:these|those)\s+(?!are\b|were\b|include\b)[a-z]+|\b(?:the above|above-mentioned|aforementioned|"
+    r"the former|the latter|of this nature|(?:the|these) (?:two|three|four) (?!of\b)[a-z]+)\b|"
+    r"\bthis (?!paper|work|study|section|article|end\b|way\b)[a-z]+|"
+    r"\b(?:a|the) (?:value|score) of [-+]?\d", re.I)  # "a correlation with a value of 0.83": of what?
+# A formula's symbol is never explained by the sentence that uses it: "λ", "DL = ∅", "W0 and BA are in R d×k".
+_SYMBOL = re.compile(r"[α-ωΑ-Ω∆∅∈∉≤≥≈×∑∏∫→←⊂⊆∀∃∇∂]|(?<![\w-])[A-Z]\(\w{1,3}\)|[A-Za-z]\s?=\s?[A-Za-z]")
+# Dialogue from a worked example: the second person, or an "I" speaking.
+_SPEAKER = re.compile(r"(?<![\w-])(?:[Yy]ou|[Yy]ours?|I|[Mm]e|[Mm]y)(?![\w(-])")
+# Broken word order: a footnote mark glued to a word ("model.5 For"), a sentence start inside a sentence
+# ("answers Arkansas The best time"), an accent set loose, an unresolved citation ("2020; ?;"), a cut sentence.
+_GARBLED = re.compile(r"[a-z]{2,}\.\d{1,2}\s+[A-Z][a-z]|[A-Za-z]{2,} (?:The|We|Our|They|These|Those|It) [a-z]{2,}|"
+                      r"\s[\u0300-\u036f]|[;(]\s?\?\s?[;)]|(?:\bi\.e|\be\.g|\bet al|\bcf)\.$")
+
+
+def reader_problem(question: str, answer: str) -> str | None:
+    """Why a careful reader would reject the pair although it is grounded, or None."""
+    if _FIRST_PERSON.search(question):
+        return "first_person_question"
+    if _FIGURE_PART.search(question):
+        return "figure_part_question"
+    if _GARBLED.search(answer) or answer.rstrip()[-1:] not in ".!?)\"”":
+        return "garbled_answer"
+    if _SPEAKER.search(_SPEAKER_QUOTES.sub("", answer)):
+        return "example_answer"
+    # Only the first sentence's pointers: a later one may point back to it ("... a benchmark. We train on this data").
+    if _BACK_REFERENCE.search(split_sentences(answer)[0]) or _SYMBOL.search(answer):
+        return "answer_needs_context"
+    return None
+
+
+_SPEAKER_QUOTES = re.compile(r"[“\"][^”\"]{0,80}[”\"]")  # a quoted title ("Do you need ...?") is not a speaker
+
+
 def check_pair(p: dict, chunk: dict, qa: QAParams) -> str | None:
     """The first cheap filter a pair fails (sets p["grounding"]), or None."""
     if not qa.min_question_chars <= len(p["question"]) <= qa.max_question_chars:
         return "question_length"
     if not qa.min_answer_chars <= len(p["answer"]) <= qa.max_answer_chars:
         return "answer_length"
+    if reason := reader_problem(p["question"], p["answer"]):
+        return reason
     p["grounding"] = round(grounding(p["answer"], chunk["text"]), 4)
     return "not_grounded" if p["grounding"] < qa.min_grounding else None
 
@@ -264,14 +310,17 @@ class NearDuplicates:
 
 def select(candidates: Iterable[dict], qa: QAParams, dropped: Counter) -> Iterator[dict]:
     """Across the dataset, in order: drop the reasons found per document, near-duplicate questions, and pairs
-    beyond `max_pairs_per_chunk`. Yields the pairs kept and counts the others in `dropped` by reason; only the
-    question index (a MinHash per kept question) stays in memory, never the candidates."""
+    beyond `max_pairs_per_chunk`; section questions ("What is the section X of Y about?") only up to
+    `max_section_share` of each document's kept pairs, after its other pairs (they say more). Yields the pairs
+    kept and counts the others in `dropped` by reason; the question index (a MinHash per kept question) and one
+    document's candidates are all it holds in memory."""
     index = NearDuplicates(qa.near_duplicate_threshold, qa.minhash_permutations)
     per_chunk: Counter = Counter()
-    for p in candidates:
+
+    def admit(p: dict) -> bool:
         if p["drop"]:
             dropped[p["drop"]] += 1
-            continue
+            return False
         m = minhash_from_json(p["minhash"])
         if index.seen(m):
             dropped["near_duplicate_question"] += 1
@@ -280,7 +329,22 @@ def select(candidates: Iterable[dict], qa: QAParams, dropped: Counter) -> Iterat
         else:
             index.add(m)
             per_chunk[p["chunk_id"]] += 1
-            yield {k: v for k, v in p.items() if k not in ("drop", "minhash")}
+            return True
+        return False
+
+    for _, group in groupby(candidates, key=lambda p: p.get("doc_id")):
+        group = list(group)
+        kept = [p for p in group if p.get("kind") != "section" and admit(p)]
+        # sections / (others + sections) <= share  ⇔  sections <= others * share / (1 - share)
+        room = int(len(kept) * qa.max_section_share / (1 - qa.max_section_share)) if qa.max_section_share < 1 \
+            else len(group)
+        for p in (p for p in group if p.get("kind") == "section"):
+            if p["drop"] is None and room <= 0:
+                dropped["over_section_share"] += 1
+            elif admit(p):
+                kept.append(p)
+                room -= 1
+        yield from ({k: v for k, v in p.items() if k not in ("drop", "minhash")} for p in kept)
 
 
 # ---------------------------------------------------------------------------------------------- stage
