@@ -74,10 +74,12 @@ _WE_DO = re.compile(r"^We (?:also |further |first |then |additionally )?(?P<verb
                     r"into) (?P<rest>[\w\-])")
 _FOR = re.compile(r"^For (?P<x>[a-zA-Z][^,;]{2,50}), we (?:also )?(?P<verb>use|adopt|employ|follow|set|choose|select|"
                   r"apply|report|consider|train|evaluate|sample|collect)\b")
+# "our default training method", "the same hyperparameters": what they are is said elsewhere.
+_VAGUE_OBJECT = re.compile(r"\b(?:default|same|following|above|previous|proposed|original|standard)\b")
 # "We deduplicate prompts by checking ..." → "How do the authors of <paper> deduplicate prompts?"
 # Also "... using/via/through X"; the verb in the present tense only (the question repeats it as written).
-_BY = re.compile(r"^We (?:also |further |first |then |additionally |\w+ly )?(?P<verb>(?!have\b|are\b|can\b|"
-                 r"[a-z]+ed\b)[a-z]{3,}) (?P<obj>(?:the |a |an |each |every |all )?[\w\-]+(?: [\w\-]+){0,5}?) "
+_BY = re.compile(r"^We (?:also |further |first |then |additionally |\w+ly )?(?P<verb>(?!have\b|are\b|can\b|make\b|"
+                 r"let\b|get\b|keep\b|believe\b|hope\b|expect\b|think\b|note\b|see\b|[a-z]+ed\b)[a-z]{3,}) (?P<obj>(?:the |a |an |each |every |all )?[\w\-]+(?: [\w\-]+){0,5}?) "
                  r"(?:by [a-z]+ing|using|via|through)\b")
 # "MiniGPT-4 connects a frozen visual encoder ..." with a verb no list foresees: the object follows at once.
 _ANY_VERB = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>[a-z]{{3,}}s)\s+(?:a|an|the|its|their|both|all|"
@@ -160,6 +162,8 @@ def _name(phrase: str, names: tuple[Counter, str, set[str]]) -> str | None:
     mid-sentence), or "the <concept>" when the paper uses that concept at least three times; else None."""
     words = phrase.split()
     first = words[0]
+    if first in ("The", "Our") and len(words) == 2 and (words[1].islower() or words[1] in _GENERIC):
+        return None  # "the LLM", "the function": which one, the sentence alone does not say
     if first in ("The", "Our") and 2 <= len(words) <= 4 and not _VAGUE & {w.lower() for w in words[1:]}:
         concept = " ".join(words[1:]).lower()
         if names[1].count(concept) >= 3 and all(w[0].isalnum() for w in words[1:]):
@@ -269,7 +273,7 @@ def sentence_pairs(sentence: str, paper: str, section: str, names: tuple) -> lis
         goal = re.sub(r"\bour\b", "their", m["goal"])
         out.append(("method", f"How do the authors of {paper} {goal}?", answer))
     elif (m := _WE_DO.match(sentence)) and not _DEIXIS.search(m["obj"]) and m["obj"].split()[0] not in ("a", "an") \
-            and not m["obj"].startswith("the same"):
+            and not _VAGUE_OBJECT.search(m["obj"]) and "," not in sentence[m.start("rest"):].split(" (")[0][:40]:
         verb = {"finetune": "fine-tune", "pretrain": "pre-train"}.get(m["verb"], m["verb"])
         if m["verb"] in ("use", "adopt", "employ", "choose", "select"):  # what is used: the object is the answer
             rest = re.sub(r"\bour\b", "their", sentence[m.start("rest"):].rstrip("."))
@@ -369,7 +373,13 @@ def extractive_document(chunks: list[dict]) -> list[dict]:
         name = section_name(c["section"])
         if name and c["section"] not in seen_sections:  # one question per section, from its first chunk
             seen_sections.add(c["section"])
-            lead = [s for s in sentences[:4] if prose(s)][:2]
+            lead = []  # the first prose sentences, adjacent: a second one may point back to the first only
+            for s in sentences[:4]:
+                if prose(s):
+                    lead.append(s)
+                elif lead:
+                    break
+            lead = lead[:2]
             where = "abstract" if name.lower() == "abstract" else f'section "{name}"'
             if lead:
                 found.append(("section", f"What is the {where} of {paper} about?", " ".join(lead)))

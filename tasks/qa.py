@@ -143,17 +143,22 @@ _FIGURE_PART = re.compile(r"\b(?:the|a|an)\s+(?:\w+\s+){0,2}?(?:line|curve|bar|m
 # Words that point back to text the answer does not carry: "these limitations", "the above approach", "this
 # benchmark", "The two models are ..."; "this paper/work/section" is the paper the question names.
 _BACK_REFERENCE = re.compile(
-    r"\b(?:these|those)\s+(?!are\b|were\b|include\b)[a-z]+|\b(?:the above|above-mentioned|aforementioned|"
+    r"\b(?:these|those)\s+(?!are\b|were\b|include\b|of\b)[a-z]+|\b(?:the above|above-mentioned|aforementioned|"
     r"the former|the latter|of this nature|(?:the|these) (?:two|three|four) (?!of\b)[a-z]+)\b|"
     r"\bthis (?!paper|work|study|section|article|end\b|way\b)[a-z]+|"
     r"\b(?:a|the) (?:value|score) of [-+]?\d", re.I)  # "a correlation with a value of 0.83": of what?
 # A formula's symbol is never explained by the sentence that uses it: "λ", "DL = ∅", "W0 and BA are in R d×k".
-_SYMBOL = re.compile(r"[α-ωΑ-Ω∆∅∈∉≤≥≈×∑∏∫→←⊂⊆∀∃∇∂]|(?<![\w-])[A-Z]\(\w{1,3}\)|[A-Za-z]\s?=\s?[A-Za-z]")
+# A variable is a letter on its own: "model M", "with R", "the context x" (not "A", "I", or "top-k"); "×" is one
+# between letters ("R d×k"), a ratio after a number ("1.5× longer").
+_SYMBOL = re.compile(r"[α-ωΑ-Ω∆∅∈∉≤≥≈∑∏∫→←⊂⊆∀∃∇∂]|(?<!\d)×|(?<![\w-])[A-Z]\(\w{1,3}\)|[A-Za-z]\s?=\s?[A-Za-z]|"
+                     r"(?<![\w\-.’'])(?:[B-HJ-Z]|[xyzkntdpq])(?=[\s,;:)]|\s?\.$)")
 # Dialogue from a worked example: the second person, or an "I" speaking.
 _SPEAKER = re.compile(r"(?<![\w-])(?:[Yy]ou|[Yy]ours?|I|[Mm]e|[Mm]y)(?![\w(-])")
-# Broken word order: a footnote mark glued to a word ("model.5 For"), a sentence start inside a sentence
-# ("answers Arkansas The best time"), an accent set loose, an unresolved citation ("2020; ?;"), a cut sentence.
+# Broken word order: a footnote mark glued to a word ("model.5 For", "HH-RLHFChatGPT,3 released", "tuning2"), a
+# sentence start inside a sentence ("answers Arkansas The best time"), a letter from a font without Unicode map
+# (a math italic read as Hangul), an accent set loose, an unresolved citation ("2020; ?;"), a cut sentence.
 _GARBLED = re.compile(r"[a-z]{2,}\.\d{1,2}\s+[A-Z][a-z]|[A-Za-z]{2,} (?:The|We|Our|They|These|Those|It) [a-z]{2,}|"
+                      r"[A-Za-z],\d{1,2}\s|\b[a-z]{4,}\d{1,2}\b|[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]|"
                       r"\s[\u0300-\u036f]|[;(]\s?\?\s?[;)]|(?:\bi\.e|\be\.g|\bet al|\bcf)\.$")
 
 

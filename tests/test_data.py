@@ -212,6 +212,13 @@ def test_a_section_is_answered_by_its_opening_when_it_reads_as_prose():
      "For decoding details, please refer to Appendix A.", "garbled_answer"),
     ('What is the section "Alignment" of "P" about?', "An LLM should be aligned with human preference, i.e.",
      "garbled_answer"),
+    ('How do the authors of "P" carry out borrowing?', "To carry out borrowing, we reuse HH-RLHFChatGPT,3 released "
+     "by Song et al. (2023).", "garbled_answer"),  # a footnote mark
+    ('How do the authors of "P" vary the data format?', "We allow instructions that need no input (i.e., 푥is empty).",
+     "garbled_answer"),  # a math italic letter read through a font without a Unicode map
+    ('What does "P" find about ICDPO?', "We show that ICDPO equipped with R yields notable improvement overall.",
+     "answer_needs_context"),  # a variable
+    ('What does "P" find about GPT-4?', "GPT-4 responses are on an average 1.5× longer than those of ChatGPT.", None),
     ('In "P", what is Microsoft?', "Microsoft is a huge company, and they could help you take the product further.",
      "example_answer"),
     ('According to "P", what does SimPO outperform?', "SimPO outperforms DPO by 6.4 points on AlpacaEval 2.", None),
@@ -274,10 +281,11 @@ def test_sentences_end_where_abbreviations_do_not():
 
 
 def test_qa_filters_and_near_duplicates_drop_and_count(data):
-    chunk_ = _chunk("Adapters add few parameters. LoRA freezes the weights and trains A and B.")
-    cases = [("What does LoRA freeze?", "LoRA freezes the weights and trains A and B.", None),
+    # (not "trains A and B": matrices named by letters the answer does not explain fail reader_problem)
+    chunk_ = _chunk("Adapters add few parameters. LoRA freezes the weights and trains two low-rank matrices.")
+    cases = [("What does LoRA freeze?", "LoRA freezes the weights and trains two low-rank matrices.", None),
              ("What is DoRA's magnitude?", "The magnitude vector is learned per column.", "not_grounded"),
-             ("Why?", "LoRA freezes the weights and trains A and B.", "question_length")]
+             ("Why?", "LoRA freezes the weights and trains two low-rank matrices.", "question_length")]
     for question, answer, reason in cases:
         assert qa.check_pair({"question": question, "answer": answer}, chunk_, data.qa) == reason
     q = "Which weights does LoRA keep frozen while the low-rank matrices A and B are trained on the task?"
