@@ -68,13 +68,17 @@ def corpus_pairs(corpus: Path, params) -> tuple[list[dict], int, Counter, int]:
     return kept, pages, dropped, len(candidates)
 
 
-def read_labels() -> dict[tuple[str, str], dict]:
+def read_labels(seed: int) -> dict[tuple[str, str], dict]:
+    """Labels by (question, answer); a pair labelled in several draws takes the label made for this seed's draw
+    (each draw is labelled whole, on its own)."""
     labels = {}
     for f in sorted(LABELS.glob("*.jsonl")):
         for line in f.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
-                labels[(rec["question"], rec["answer"])] = rec
+                key = (rec["question"], rec["answer"])
+                if key not in labels or rec["seed"] == seed:
+                    labels[key] = rec
     return labels
 
 
@@ -106,7 +110,7 @@ def main() -> None:
                 f.write(json.dumps({"seed": args.seed, "kind": p["kind"], "question": p["question"],
                                     "answer": p["answer"], "acceptable": None, "reason": None}) + "\n")
         print(f"draw of {len(draw)} (seed {args.seed}) written to {args.write_draw}")
-    labels = read_labels()
+    labels = read_labels(args.seed)
     found = [labels[(p["question"], p["answer"])] for p in draw if (p["question"], p["answer"]) in labels]
     figures = {"pages": pages, "generated": generated, "kept": len(kept), "pairs_per_page": round(len(kept) / pages, 3),
                "section_share": round(section_share, 4), "kept_by_kind": dict(kinds), "dropped": dict(dropped),
