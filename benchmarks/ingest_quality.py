@@ -6,12 +6,12 @@ Reads the corpus's manifest.json (title as printed, the outline's top-level head
 list and of the appendix after it); prints a skip message and exits 0 when the folder is absent. The PDFs are
 third-party papers for development only: they are never copied into the project or used in its tests.
 
-Figures (targets from issue 7):
+Figures (targets from issues 7 and 24):
   title        the title equals the printed one (case aside: small caps come out as capitals)      100%
   outline      recall of the outline's top-level headings among the sections found                 >= 95%
   layout       the same recall with the outline ignored (ingest.use_outline false: layout alone)   >= 85%
   refs left    lines of the reference list still in the text                                       <= 3%
-  appendix     characters of the lines on the appendix pages after the reference list still there  >= 90%
+  appendix     characters of the lines on the appendix pages after the reference list still there  >= 92%
 A line counts as present when its letters and digits occur in the document's text (spaces, punctuation and
 hyphenation ignored). Running headers (lines repeated on 3+ pages) are not counted as appendix text.
 --entries-only: the reference cut is not told where a "References" heading is, so every list must be found by
@@ -164,7 +164,7 @@ def main() -> None:
     }
     print(f"\noverall ({len(rows)} papers; heading recall over the {len(with_outline)} with an outline):")
     targets = {"titles_right": ">= 100%", "outline_recall": ">= 95%", "layout_recall": ">= 85%",
-               "reference_entries_left": "<= 3%", "appendix_kept": ">= 90%", "raw_text_kept": "(no target)",
+               "reference_entries_left": "<= 3%", "appendix_kept": ">= 92%", "raw_text_kept": "(no target)",
                "outline_entries_on_their_line": "(no target)"}
     for name, target in targets.items():
         print(f"  {name:30} {100 * overall[name]:6.1f}%   target {target}")

@@ -10,7 +10,9 @@ Used by tasks/qa.py when `qa.backend: extractive` (no model, no network, determi
 A <Name> must be a name the paper uses (an acronym, CamelCase, or a word it capitalises mid-sentence), never a
 pronoun, a sentence opener ("While", "Here") or a symbol ("N"). Answers must read as prose on their own: no
 pronoun openers ("This", "It"), no tables, tables of contents, references, formulas, prompt/response examples,
-and no pointers elsewhere ("We describe these steps in more detail below."). Table chunks are never used.
+and no pointers elsewhere ("We describe these steps in more detail below."). Table chunks, captions and sections
+of worked examples (and their subsections) are never used; a subject must be what its sentence is about (not a
+list item, nor a name set aside before the subject), and a person is never one.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ _VAGUE_OBJECT = re.compile(r"\b(?:default|same|following|above|previous|proposed
 # "We deduplicate prompts by checking ..." → "How do the authors of <paper> deduplicate prompts?"
 # Also "... using/via/through X"; the verb in the present tense only (the question repeats it as written).
 _BY = re.compile(r"^We (?:also |further |first |then |additionally |\w+ly )?(?P<verb>(?!have\b|are\b|can\b|make\b|"
-                 r"let\b|get\b|keep\b|believe\b|hope\b|expect\b|think\b|note\b|see\b|[a-z]+ed\b)[a-z]{3,}) (?P<obj>(?:the |a |an |each |every |all )?[\w\-]+(?: [\w\-]+){0,5}?) "
+                 r"let\b|get\b|keep\b|believe\b|hope\b|expect\b|think\b|note\b|see\b|[a-z]+ed\b)[a-z]{3,}) "
+                 r"(?P<obj>(?:the |a |an |each |every |all )?[\w\-]+(?: [\w\-]+){0,5}?) "
                  r"(?:by [a-z]+ing|using|via|through)\b")
 # "MiniGPT-4 connects a frozen visual encoder ..." with a verb no list foresees: the object follows at once.
 _ANY_VERB = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>[a-z]{{3,}}s)\s+(?:a|an|the|its|their|both|all|"
@@ -306,8 +309,9 @@ _ADJECTIVE_SUFFIX = re.compile(r"-(?:generated|based|style|like|tuned|only|level
 
 
 # A leading phrase that sets a name aside ("Similar to AGIEval, Vicuna ..."; "For small datasets (COPA, ...), we").
-_ASIDE = re.compile(r"(?:[A-Z][\w-]*ing\b|Similar to|Like|Unlike|Compared (?:to|with)|In contrast to|Following|As in|As with|Besides|"
-                    r"Apart from|Except for|For|On|In|With|From|Beyond|Among|Including|Inspired by)\b")
+_ASIDE = re.compile(r"(?:[A-Z][\w-]*ing\b|Similar to|Like|Unlike|Compared (?:to|with)|In contrast to|Following|"
+                    r"As in|As with|Besides|Apart from|Except for|For|On|In|With|From|Beyond|Among|Including|"
+                    r"Inspired by)\b")
 
 
 def about(sentence: str, start: int, end: int) -> bool:

@@ -5,7 +5,8 @@ Bad files are skipped and reported.
 
 Run alone:  python -m tasks.ingest [--params params.yaml]
 Writes paths.documents (JSONL, one record per ingested PDF) and paths.ingest_report (JSON, one entry per file, with
-a fidelity record: share of the raw text kept, characters dropped per reason, sections, outline used, appendix).
+a fidelity record: share of the raw text kept, characters dropped per reason, sections, outline used, appendix,
+and `references_implausible` when far less was cut as references than the paper has reference-like text).
 Look at one PDF:  python -m tasks.pdf.extract paper.pdf
 
 One cached Prefect task per PDF, keyed on the file's content hash (not its path: a renamed file is a cache hit),

@@ -9,9 +9,11 @@ Generators (`qa.backend`, looked up in GENERATORS):
   asked for `n_tokens / qa.teacher.tokens_per_pair` self-contained pairs per chunk, as JSON.
 Optional judge (`qa.judge`, same backends): it sees the chunk and the pair and rates faithfulness,
 self-containedness and usefulness 1–5; the verdict is stored with the pair and the keep rule is in params.
-Filters, in order: question/answer length, grounding (ROUGE-L recall of the answer in its chunk), the judge, then
-across the whole dataset MinHash near-duplicate questions and at most `max_pairs_per_chunk` per chunk; every drop
-is counted in the QA report. Each document is one Prefect task (the offline backend's cached whole); each
+Filters, in order: question/answer length, what a careful reader rejects (`reader_problem`: the paper's first
+person in a question, a figure part asked about, an answer whose pointer or symbol it does not explain, broken
+word order, a worked example's dialogue), grounding (ROUGE-L recall of the answer in its chunk), the judge, then
+across the whole dataset MinHash near-duplicate questions, at most `max_pairs_per_chunk` per chunk and section
+questions at most `max_section_share` of a document's pairs; every drop is counted in the QA report. Each document is one Prefect task (the offline backend's cached whole); each
 teacher/judge request is cached on disk (tasks/teacher.py), so a crash loses no reply and changing a filter
 never asks the model again. A run that keeps no pair writes nothing (the previous qa.jsonl stays).
 """
