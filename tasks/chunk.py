@@ -22,8 +22,10 @@ from tasks.base_model import describe, load_backend_tokenizer
 from tasks.common import CACHE, content_hash, iter_jsonl, map_cached_iter, run_stage, write_jsonl
 from tasks.params import ChunkParams, Paths
 
-# A sentence ends at . ! ? followed by a space and a capital/digit/bracket; common abbreviations do not end one.
-_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\bet al)(?<!\bvs)(?<!\bFig)(?<!\bEq)(?<=[.!?])\s+(?=[A-Z0-9(\[])")
+# A sentence ends at . ! ? followed by a space and a capital/digit/bracket; common abbreviations do not end one
+# (each look-behind ends with the abbreviation's dot: it is tested where the space begins).
+_SENTENCE_END = re.compile(r"(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\bet al\.)(?<!\bvs\.)(?<!\bFig\.)(?<!\bEq\.)(?<=[.!?])\s+"
+                           r"(?=[A-Z0-9(\[])")
 
 
 def split_sentences(text: str) -> list[str]:

@@ -10,7 +10,9 @@ Used by tasks/qa.py when `qa.backend: extractive` (no model, no network, determi
 A <Name> must be a name the paper uses (an acronym, CamelCase, or a word it capitalises mid-sentence), never a
 pronoun, a sentence opener ("While", "Here") or a symbol ("N"). Answers must read as prose on their own: no
 pronoun openers ("This", "It"), no tables, tables of contents, references, formulas, prompt/response examples,
-and no pointers elsewhere ("We describe these steps in more detail below."). Table chunks are never used.
+and no pointers elsewhere ("We describe these steps in more detail below."). Table chunks, captions and sections
+of worked examples (and their subsections) are never used; a subject must be what its sentence is about (not a
+list item, nor a name set aside before the subject), and a person is never one.
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ _DEFINITION = re.compile(rf"^(?P<term>{_NAME})(?:\s+(?P<verb>is|are|refers to|de
 _PAST_CLAIM = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>\w+ed)\s+(?!is\b|are\b|was\b|were\b|in\b|on\b|by\b|"
                          rf"for\b|with\b|to\b|from\b|as\b|using\b|via\b)\w")
 _CAN = re.compile(rf"^(?P<subj>{_NAME})\s+can\s+{_ADVERB}(?P<verb>(?!be\b|always\b|not\b|also\b|only\b|still\b)[a-z]+(?<!ly))\s+\w")
-_CLAIM = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>{'|'.join(_VERBS)})\s+\w")
+# A verb used without an object ("performs better", "increases by a few fold") asks nothing: "what does X increase?"
+_NO_OBJECT = (r"(?!(?:by|from|to|in|on|at|as|with|over|across|better|worse|well|poorly|significantly|substantially|"
+              r"slightly|greatly|considerably|dramatically|further|more|less|much|steadily|consistently)\b)")
+_CLAIM = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>{'|'.join(_VERBS)})\s+{_NO_OBJECT}\w")
 # Plural subjects: "LLMs achieve ...", "Reward models learn ..."
-_PLURAL_CLAIM = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>{'|'.join(v[:-2] if v.endswith(('ches', 'shes', 'sses', 'xes')) else v[:-1] for v in _VERBS)})\s+\w")
+_PLURAL_CLAIM = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>{'|'.join(v[:-2] if v.endswith(('ches', 'shes', 'sses', 'xes')) else v[:-1] for v in _VERBS)})\s+{_NO_OBJECT}\w")
 _PASSIVE = re.compile(rf"^(?P<subj>{_NAME})\s+(?P<be>is|are|was|were)\s+{_ADVERB}"
                       r"(?P<part>\w+ed|built|made|taken|given|chosen|written|drawn|held|run)\s+"
                       r"(?P<prep>on|with|by|from|in|for|using|via|as|into)\s+\w")
@@ -65,11 +70,25 @@ _OPENER = re.compile(r"^(?:However|Moreover|Furthermore|Additionally|Finally|Ove
 _DEIXIS = re.compile(r"\b(?:this|these|that|those|it|its|them|such|above|former|latter)\b", re.I)
 # "We evaluate SimPO on AlpacaEval 2." → "What do the authors of <paper> evaluate SimPO on?"
 _WE_DO = re.compile(r"^We (?:also |further |first |then |additionally )?(?P<verb>evaluate|train|fine-tune|finetune|"
-                    r"compare|test|pre-train|pretrain|apply|initialize|benchmark|set|use|adopt|employ|choose|select)"
-                    r"(?:d|ed)? (?P<obj>[\w\-.]+(?: [\w\-.]+){0,4}?) (?P<prep>on|with|to|against|using|as|for) "
-                    r"(?P<rest>[\w\-])")
+                    r"compare|test|pre-train|pretrain|apply|initialize|benchmark|set|use|adopt|employ|choose|select|"
+                    r"collect|generate|sample|filter|conduct|annotate|prompt|insert|add|extend|scale|measure|report)"
+                    r"(?:d|ed)? (?P<obj>[\w\-.]+(?: [\w\-.]+){0,4}?) (?P<prep>on|with|to|against|using|as|for|from|"
+                    r"into) (?P<rest>[\w\-])")
 _FOR = re.compile(r"^For (?P<x>[a-zA-Z][^,;]{2,50}), we (?:also )?(?P<verb>use|adopt|employ|follow|set|choose|select|"
                   r"apply|report|consider|train|evaluate|sample|collect)\b")
+# "our default training method", "the same hyperparameters": what they are is said elsewhere.
+_VAGUE_OBJECT = re.compile(r"\b(?:default|same|following|above|previous|proposed|original|standard)\b")
+# "We deduplicate prompts by checking ..." → "How do the authors of <paper> deduplicate prompts?"
+# Also "... using/via/through X"; the verb in the present tense only (the question repeats it as written).
+_BY = re.compile(r"^We (?:also |further |first |then |additionally |\w+ly )?(?P<verb>(?!have\b|are\b|can\b|make\b|"
+                 r"let\b|get\b|keep\b|believe\b|hope\b|expect\b|think\b|note\b|see\b|[a-z]+ed\b)[a-z]{3,}) "
+                 r"(?P<obj>(?:the |a |an |each |every |all )?[\w\-]+(?: [\w\-]+){0,5}?) "
+                 r"(?:by [a-z]+ing|using|via|through)\b")
+# "MiniGPT-4 connects a frozen visual encoder ..." with a verb no list foresees: the object follows at once.
+_ANY_VERB = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>[a-z]{{3,}}s)\s+(?:a|an|the|its|their|both|all|"
+                       rf"several|multiple|two|three|[a-z]+(?:ed|ing|al|ive|ous|ic)|[A-Z][\w\-]*)\s")
+_NOT_VERBS = set("""is has was does its this thus plus across versus always perhaps less unless as us various
+previous serious numerous focus bias corpus status""".split())
 _PROPOSE = re.compile(r"\b(?:we|this paper|this work)\s+(?:propose|introduce|present|describe)s?\b", re.I)
 _ABBREVIATION = re.compile(r"(?P<long>(?:[\w\-]+\s+){1,7}?[\w\-]+)\s+\((?P<short>[A-Z][A-Za-z0-9\-]*[A-Z][a-z]?s?)\)")
 _FUNCTION_WORDS = {"of", "for", "from", "with", "and", "the", "a", "an", "to", "in", "on", "via", "by"}
@@ -121,27 +140,33 @@ def prose(sentence: str) -> bool:
     return letters >= 0.7 * len(sentence.replace(" ", "")) and numbers <= cap
 
 
-def names_in(chunks: list[dict]) -> tuple[Counter, str]:
-    """Capitalised words the paper uses inside sentences (not only as their first word): its names; and its
-    lower-cased text, to tell a recurring concept ("the reward model") from a passing phrase."""
+def names_in(chunks: list[dict]) -> tuple[Counter, str, set[str]]:
+    """Capitalised words the paper uses inside sentences (not only as their first word): its names; its
+    lower-cased text, to tell a recurring concept ("the reward model") from a passing phrase; and the words it
+    writes in lower case (a person's name never is: "Chatbot Arena" is a benchmark, "David Weissman" a person)."""
     counts: Counter = Counter()
     for c in chunks:
         for m in re.finditer(r"(?<=[a-z,;] )([A-Z][\w\-]*)", c["text"]):
             counts[m[1]] += 1
-    return counts, " ".join(c["text"].lower() for c in chunks)
+    return (counts, " ".join(c["text"].lower() for c in chunks),
+            {w for c in chunks for w in re.findall(r"\b[a-z]+\b", c["text"])})
 
 
 _VAGUE = set("""goal idea result results reason answer difference key main effect first second last same other rest
 problem question approach method methods model models work paper study following process task data first final
 overall proposed original new current above previous latter former code example examples response responses
-prompt prompts answer answers output outputs input inputs user assistant text passage""".split())
+prompt prompts answer answers output outputs input inputs user assistant text passage questions tasks task
+samples sample instances instance values value numbers number scores score settings setting cases case experiments
+experiment datasets dataset benchmarks benchmark baselines baseline two three four both""".split())
 
 
-def _name(phrase: str, names: tuple[Counter, str]) -> str | None:
+def _name(phrase: str, names: tuple[Counter, str, set[str]]) -> str | None:
     """The phrase if it names something of the paper: a name (SimPO, GPT-4, a word the paper capitalises
     mid-sentence), or "the <concept>" when the paper uses that concept at least three times; else None."""
     words = phrase.split()
     first = words[0]
+    if first in ("The", "Our") and len(words) == 2 and (words[1].islower() or words[1] in _GENERIC):
+        return None  # "the LLM", "the function": which one, the sentence alone does not say
     if first in ("The", "Our") and 2 <= len(words) <= 4 and not _VAGUE & {w.lower() for w in words[1:]}:
         concept = " ".join(words[1:]).lower()
         if names[1].count(concept) >= 3 and all(w[0].isalnum() for w in words[1:]):
@@ -150,8 +175,14 @@ def _name(phrase: str, names: tuple[Counter, str]) -> str | None:
     if 2 <= len(words) <= 4 and all(w.islower() for w in words[1:]) and first[1:].islower() \
             and first not in _NOT_NAMES and names[1].count(phrase.lower()) >= 3:
         return phrase.lower()  # "Instruction tuning is ...": a concept the paper keeps using
-    if first in _NOT_NAMES or len(words) > 5 or sum(ch.isalpha() for ch in first) < 2:
+    if first in _NOT_NAMES or len(words) > 5 or sum(ch.isalpha() for ch in first) < 2 or (
+            first.endswith(("ing", "ly")) and first[1:].islower()):  # "Considering PET", "Consequently, ..."
         return None
+    if len(set(words)) < len(words):  # "Stop Using BLEU BLEU": cells of a table read as a line
+        return None
+    if 2 <= len(words) <= 3 and all(re.fullmatch(r"[A-Z][a-z]+", w) for w in words) \
+            and not any(w.lower() in names[2] for w in words):
+        return None  # a person ("David Weissman"): no word of it is ever written in lower case
     # SimPO, GPT-4, LLaMA, MT-Bench, "Direct Preference Optimization (DPO)"
     distinctive = any(ch.isupper() or ch.isdigit() for w in words for ch in w.strip("()")[1:])
     return phrase if distinctive or names[0][first] >= 2 else None
@@ -209,6 +240,10 @@ def section_name(section: str) -> str | None:
     return None if section.rstrip().endswith((".", "?", ":")) and len(words) > 3 else name
 
 
+# "GSM8K is the benchmark that shows the most volatility" ranks GSM8K; it does not say what GSM8K is.
+_RANKING = re.compile(r"\b(?:most|least|best|worst|highest|lowest|largest|smallest|first|only)\b")
+
+
 def sentence_pairs(sentence: str, paper: str, section: str, names: tuple) -> list[tuple[str, str, str]]:
     """(kind, question, answer) for one sentence; the answer is the sentence, or a phrase of it."""
     out = [("definition", f'In {paper}, what does the abbreviation "{a.split("(")[-1][:-1]}" stand for?', a)
@@ -217,7 +252,7 @@ def sentence_pairs(sentence: str, paper: str, section: str, names: tuple) -> lis
         return out
     answer, sentence = sentence, _OPENER.sub("", sentence)  # "However, SimPO ...": the question is about SimPO
     sentence = sentence[0].upper() + sentence[1:]
-    if (m := _DEFINITION.match(sentence)) and (term := _name(m["term"], names)):
+    if (m := _DEFINITION.match(sentence)) and (term := _name(m["term"], names)) and not _RANKING.search(sentence):
         be = "are" if m["verb"] == "are" or (not m["verb"] and term.endswith("s") and term[-2].islower()) else "is"
         out.append(("definition", f"In {paper}, what {be} {term}?", answer))
     elif (m := _CLAIM.match(sentence)) and (subj := _name(m["subj"], names)):
@@ -241,7 +276,7 @@ def sentence_pairs(sentence: str, paper: str, section: str, names: tuple) -> lis
         goal = re.sub(r"\bour\b", "their", m["goal"])
         out.append(("method", f"How do the authors of {paper} {goal}?", answer))
     elif (m := _WE_DO.match(sentence)) and not _DEIXIS.search(m["obj"]) and m["obj"].split()[0] not in ("a", "an") \
-            and not m["obj"].startswith("the same"):
+            and not _VAGUE_OBJECT.search(m["obj"]) and "," not in sentence[m.start("rest"):].split(" (")[0][:40]:
         verb = {"finetune": "fine-tune", "pretrain": "pre-train"}.get(m["verb"], m["verb"])
         if m["verb"] in ("use", "adopt", "employ", "choose", "select"):  # what is used: the object is the answer
             rest = re.sub(r"\bour\b", "their", sentence[m.start("rest"):].rstrip("."))
@@ -251,6 +286,14 @@ def sentence_pairs(sentence: str, paper: str, section: str, names: tuple) -> lis
             kind = "comparison" if verb == "compare" else "method"
             obj = re.sub(r"\bour\b", "their", m["obj"])
             out.append((kind, f"What do the authors of {paper} {verb} {obj} {m['prep']}?", answer))
+    elif (m := _ANY_VERB.match(sentence)) and m["verb"] not in _NOT_VERBS and (subj := _name(m["subj"], names)):
+        verb = _base(m["verb"]) if m["verb"].endswith(("ches", "shes", "sses", "xes")) else \
+            m["verb"][:-3] + "y" if m["verb"].endswith("ies") else m["verb"][:-1]
+        kind = "result" if re.search(r"\d", sentence) else "method"
+        out.append((kind, f"According to {paper}, what does {subj} {verb}?", answer))
+    elif (m := _BY.match(sentence)) and not _DEIXIS.search(m["obj"]):
+        obj = re.sub(r"\bour\b", "their", m["obj"])
+        out.append(("method", f"How do the authors of {paper} {m['verb']} {obj}?", answer))
     elif (m := _FOR.match(sentence)) and not _DEIXIS.search(m["x"]):
         out.append(("method", f"What do the authors of {paper} {m['verb']} for {m['x']}?", answer))
     elif _PROPOSE.search(sentence) and section.lower() in ("abstract", "introduction", "conclusion", "conclusions") \
@@ -265,23 +308,68 @@ _GENERIC = set("""AI API CPU GPU NLP NLU NLG LLM LLMs LM LMs QA ML RL URL HTTP C
 _ADJECTIVE_SUFFIX = re.compile(r"-(?:generated|based|style|like|tuned|only|level|free|sized?|specific|aware|aligned)$")
 
 
-def topic_pairs(found: dict[str, tuple[int, str, str]], counts: Counter, title: str, paper: str) -> list[tuple]:
-    """ "What does <paper> say about AlpacaEval 2?" for each name the paper uses in at least two chunks, answered
-    by the sentence that puts it most up front (within its first words: the sentence is about it)."""
+# A leading phrase that sets a name aside ("Similar to AGIEval, Vicuna ..."; "For small datasets (COPA, ...), we").
+_ASIDE = re.compile(r"(?:[A-Z][\w-]*ing\b|Similar to|Like|Unlike|Compared (?:to|with)|In contrast to|Following|"
+                    r"As in|As with|Besides|Apart from|Except for|For|On|In|With|From|Beyond|Among|Including|"
+                    r"Inspired by)\b")
+
+
+def about(sentence: str, start: int, end: int) -> bool:
+    """Whether the name at sentence[start:end] is what the sentence is about: not one item of a list ("CB, WiC,
+    RTE and WSC"), not inside brackets, not in a leading phrase that sets it aside before the subject."""
+    before, after = sentence[:start], re.sub(r"^\s*\[[\d,\s–-]+\]", "", sentence[end:])  # "CLIP-Adapter [8], ..."
+    if before.count("(") > before.count(")") or before.count("[") > before.count("]"):
+        return False
+    if re.match(r"\s*(?:,|/|and\b|or\b)\s*[A-Z]", after) or re.search(
+            r"(?:,|/|\band|\bor|such as|\blike|including|e\.g\.,?)\s*$", before):
+        return False
+    return not (_ASIDE.match(sentence) and "," in after.split(".")[0])
+
+
+def topic_pairs(found: dict[str, tuple[int, str, str]], text: str, title: str, paper: str) -> list[tuple]:
+    """ "What does <paper> say about AlpacaEval 2?" for each name the paper uses, answered by the sentence that puts
+    it most up front (within its first words, as what the sentence is about). A word of the paper's own prose set
+    in capitals ("LENGTH", "DEFINITION": a prompt template's fields) is no name. Worked examples were left out
+    before, so a name used once is kept: a baseline or a benchmark is often named in one place only."""
     return [("fact", f"What does {paper} say about {name}?", sentence, chunk_id)
             for name, (_, sentence, chunk_id) in found.items()
-            if counts[name] >= 2 and name not in title and name not in _GENERIC and not _ADJECTIVE_SUFFIX.search(name)]
+            if name not in title and name not in _GENERIC and not _ADJECTIVE_SUFFIX.search(name)
+            and not (name.isalpha() and name.isupper() and f" {name.lower()} " in text)]
+
+
+# Sections that show worked examples, prompts or model outputs ("11 Case Studies", "I Case Studies", "C Examples
+# of Generated Instructions"): their sentences are the examples' ("Microsoft is a huge company ..."), not the
+# paper's, and so are those of their subsections ("11.13 Meeting Transcript Processing").
+_EXAMPLE_SECTION = re.compile(r"case stud|\bexamples?\b|\bprompts? (?:templates?|used)|\btemplates?\b|"
+                              r"\bqualitative (?:examples|samples)|\bsamples? of|\bmodel outputs?\b", re.I)
+_CAPTION = re.compile(r"(?:Table|Figure|Fig\.)\s+(?:[A-Z]\.?)?\d{1,3}(?:\.\d{1,2})?\s*[:.|]")
+_TOP_NUMBER = re.compile(r"(\d{1,2}|[A-Z])\.?\s")  # "11 Case Studies", "C. Examples"
+_SECTION_NUMBER = re.compile(r"(\d{1,2}|[A-Z])(?:\.\d{1,2})+\.?\s")  # "11.13 Meeting Transcript Processing"
+
+
+def example_sections(chunks: list[dict]) -> set[str]:
+    """The sections (as chunks name them) that are worked examples, or sit under a top-level one that is."""
+    top: dict[str, str] = {}  # top-level number → its heading, as met in reading order
+    out = set()
+    for c in chunks:
+        if m := _TOP_NUMBER.match(c["section"]):
+            top[m.group(1)] = c["section"]
+        m = _SECTION_NUMBER.match(c["section"])
+        if _EXAMPLE_SECTION.search(c["section"]) or (m and _EXAMPLE_SECTION.search(top.get(m.group(1), ""))):
+            out.add(c["section"])
+    return out
 
 
 def extractive_document(chunks: list[dict]) -> list[dict]:
-    """Candidate pairs for one document's chunks (in reading order), each with its chunk_id."""
-    text_chunks = [c for c in chunks if c.get("kind", "text") == "text" and not len(_EXAMPLE.findall(c["text"])) > 1]
+    """Candidate pairs for one document's chunks (in reading order), each with its chunk_id. Tables, captions
+    (a figure's parts and a table's cells are not what a reader asks about) and worked examples are skipped."""
+    examples = example_sections(chunks)
+    text_chunks = [c for c in chunks if c.get("kind", "text") == "text" and not len(_EXAMPLE.findall(c["text"])) > 1
+                   and not _CAPTION.match(c["text"]) and c["section"] not in examples]
     names = names_in(text_chunks)
     pairs: list[dict] = []
     seen_sections: set[str] = set()
     topics: dict[str, tuple[int, str, str]] = {}
-    # In how many chunks a name appears: a name used in one place only is often part of a worked example.
-    mentions: Counter = Counter(n for c in text_chunks for n in {m[0] for m in _DISTINCT.finditer(c["text"])})
     for c in text_chunks:
         paper = f'"{c["title"]}"'
         sentences = split_sentences(c["text"].replace("\n\n", " "))
@@ -289,7 +377,13 @@ def extractive_document(chunks: list[dict]) -> list[dict]:
         name = section_name(c["section"])
         if name and c["section"] not in seen_sections:  # one question per section, from its first chunk
             seen_sections.add(c["section"])
-            lead = [s for s in sentences[:4] if prose(s)][:2]
+            lead = []  # the first prose sentences, adjacent: a second one may point back to the first only
+            for s in sentences[:4]:
+                if prose(s):
+                    lead.append(s)
+                elif lead:
+                    break
+            lead = lead[:2]
             where = "abstract" if name.lower() == "abstract" else f'section "{name}"'
             if lead:
                 found.append(("section", f"What is the {where} of {paper} about?", " ".join(lead)))
@@ -299,7 +393,7 @@ def extractive_document(chunks: list[dict]) -> list[dict]:
             if not [k for k in pairs_of_s if k[0] != "definition" or "abbreviation" not in k[1]] and prose(s) \
                     and len(s.split()) >= 8:
                 for m in _DISTINCT.finditer(" ".join(s.split()[:6])):
-                    if m.start() < topics.get(m[0], (10**6,))[0]:
+                    if m.start() < topics.get(m[0], (10**6,))[0] and about(s, m.start(), m.end()):
                         topics[m[0]] = (m.start(), s, c["chunk_id"])
         questions = set()
         for kind, question, answer in found:
@@ -309,6 +403,6 @@ def extractive_document(chunks: list[dict]) -> list[dict]:
                 pairs.append({"kind": kind, "question": question, "answer": answer, "chunk_id": c["chunk_id"]})
     if text_chunks:
         title = text_chunks[0]["title"]
-        for kind, question, answer, chunk_id in topic_pairs(topics, mentions, title, f'"{title}"'):
+        for kind, question, answer, chunk_id in topic_pairs(topics, names[1], title, f'"{title}"'):
             pairs.append({"kind": kind, "question": question, "answer": answer, "chunk_id": chunk_id})
     return pairs

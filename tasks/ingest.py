@@ -5,7 +5,8 @@ Bad files are skipped and reported.
 
 Run alone:  python -m tasks.ingest [--params params.yaml]
 Writes paths.documents (JSONL, one record per ingested PDF) and paths.ingest_report (JSON, one entry per file, with
-a fidelity record: share of the raw text kept, characters dropped per reason, sections, outline used, appendix).
+a fidelity record: share of the raw text kept, characters dropped per reason, sections, outline used, appendix,
+and `references_implausible` when far less was cut as references than the paper has reference-like text).
 Look at one PDF:  python -m tasks.pdf.extract paper.pdf
 
 One cached Prefect task per PDF, keyed on the file's content hash (not its path: a renamed file is a cache hit),
@@ -100,6 +101,10 @@ def run(ingest: IngestParams, paths: Paths) -> int:
             record.update(file=name, title=result["title"] or clean(path.stem))
             fidelity = {**result["fidelity"], "outline_used": record["outline_used"],
                         "appendix_found": record["appendix_found"]}
+            if fidelity["references_implausible"]:
+                log.warning(f"ingest: {name}: only {fidelity['dropped_chars']['references']} characters of "
+                            f"reference list cut, of {fidelity['reference_like_chars']} that read as references: "
+                            f"entries are likely left in the text")
             report.append(dict(file=name, status="ok", reason=None, doc_id=h, title=record["title"],
                                pages=record["page_count"], sections=len(record["sections"]), fidelity=fidelity))
             pages += record["page_count"]

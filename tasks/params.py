@@ -121,6 +121,15 @@ class IngestParams(Section):
         gt=0, description="Characters of text that does not read as reference entries, after the last entry, "
         "that end the reference list (what follows, e.g. appendices, is kept)."
     )
+    reference_min_run_chars: int = Field(
+        gt=0, description="A run of reference-like blocks with no reference heading before it is cut as a "
+        "reference list when its entries hold at least this many characters (about ten entries; a paragraph "
+        "citing a few papers stays)."
+    )
+    reference_min_cut_share: float = Field(
+        ge=0, le=1, description="The ingest report flags a document (fidelity.references_implausible) whose cut "
+        "reference text is below this share of its reference-like text (the list was missed, or part of it)."
+    )
     drop_figure_text: bool = Field(
         description="Drop the short lines between a 'Figure N:' caption and the text above it (axis ticks, "
         "legends, labels drawn in the figure); they are counted as figure_text in the ingest report."
@@ -193,6 +202,10 @@ class QAParams(Section):
     min_answer_chars: int = Field(ge=1, description="Shorter answers are dropped (a bare number or name).")
     max_answer_chars: int = Field(gt=1, description="Longer answers are dropped (a pasted paragraph).")
     min_grounding: float = Field(ge=0, le=1, description="Min ROUGE-L recall of the answer against its chunk.")
+    max_section_share: float = Field(
+        gt=0, le=1, description="Section questions ('What is the section X of Y about?', extractive backend) kept at "
+        "most at this share of each document's kept pairs; they come after its other pairs, which say more."
+    )
     near_duplicate_threshold: float = Field(
         gt=0, le=1, description="A question whose estimated Jaccard similarity (MinHash over word pairs of the "
         "normalised question, paper title removed) to an earlier kept one reaches this is dropped."

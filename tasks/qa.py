@@ -9,9 +9,11 @@ Generators (`qa.backend`, looked up in GENERATORS):
   asked for `n_tokens / qa.teacher.tokens_per_pair` self-contained pairs per chunk, as JSON.
 Optional judge (`qa.judge`, same backends): it sees the chunk and the pair and rates faithfulness,
 self-containedness and usefulness 1–5; the verdict is stored with the pair and the keep rule is in params.
-Filters, in order: question/answer length, grounding (ROUGE-L recall of the answer in its chunk), the judge, then
-across the whole dataset MinHash near-duplicate questions and at most `max_pairs_per_chunk` per chunk; every drop
-is counted in the QA report. Each document is one Prefect task (the offline backend's cached whole); each
+Filters, in order: question/answer length, what a careful reader rejects (`reader_problem`: the paper's first
+person in a question, a figure part asked about, an answer whose pointer or symbol it does not explain, broken
+word order, a worked example's dialogue), grounding (ROUGE-L recall of the answer in its chunk), the judge, then
+across the whole dataset MinHash near-duplicate questions, at most `max_pairs_per_chunk` per chunk and section
+questions at most `max_section_share` of a document's pairs; every drop is counted in the QA report. Each document is one Prefect task (the offline backend's cached whole); each
 teacher/judge request is cached on disk (tasks/teacher.py), so a crash loses no reply and changing a filter
 never asks the model again. A run that keeps no pair writes nothing (the previous qa.jsonl stays).
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.chunk import split_sentences
 from tasks.common import (CACHE, PipelineError, content_hash, iter_jsonl, logger, map_cached_iter, run_stage,
                           write_json, write_jsonl)
 from tasks.extractive import extractive_document
@@ -132,12 +135,62 @@ def normalise(question: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", question.lower()).split())
 
 
+# What a careful reader rejects in a pair, from any backend (tests/test_data.py has a sentence of each class).
+# The paper's first person in a question ("What do the authors set for our data type?"): "us" only in lower case
+# (US is a country), "I" not inside a name ("RoBERTa-I", "Phase-I").
+_FIRST_PERSON = re.compile(r"(?<![\w-])(?:[Ww]e|[Oo]urs?|us|[Mm]y|me|I)(?![\w-])")
+# A part of a figure as the thing asked about ("What is the solid line?").
+_FIGURE_PART = re.compile(r"\b(?:the|a|an)\s+(?:\w+\s+){0,2}?(?:line|curve|bar|marker|arrow|panel|subplot|legend|"
+                          r"axis|x-axis|y-axis|shaded (?:area|region)|dot|circle|colou?r)s?\?$", re.I)
+# Words that point back to text the answer does not carry: "these limitations", "the above approach", "this
+# benchmark", "The two models are ..."; "this paper/work/section" is the paper the question names.
+_BACK_REFERENCE = re.compile(
+    r"\b(?:these|those)\s+(?!are\b|were\b|include\b|of\b)[a-z]+|\b(?:the above|above-mentioned|aforementioned|"
+    r"the former|the latter|of this nature|(?:the|these) (?:two|three|four) (?!of\b)[a-z]+)\b|"
+    r"\bthis (?!paper|work|study|section|article|end\b|way\b)[a-z]+|"
+    r"\b(?:a|the) (?:value|score) of [-+]?\d", re.I)  # "a correlation with a value of 0.83": of what?
+# A formula's symbol is never explained by the sentence that uses it: "λ", "DL = ∅", "W0 and BA are in R d×k".
+# A variable is a letter on its own: "model M", "with R", "the context x" (not "A", "I", or "top-k"); "×" is one
+# between letters ("R d×k"), a ratio after a number ("1.5× longer").
+_SYMBOL = re.compile(r"[α-ωΑ-Ω∆∅∈∉≤≥≈∑∏∫→←⊂⊆∀∃∇∂]|(?<!\d)×|(?<![\w-])[A-Z]\(\w{1,3}\)|[A-Za-z]\s?=\s?[A-Za-z]|"
+                     r"(?<![\w\-.’'])(?:[B-HJ-Z]|[xyzkntdpq])(?=[\s,;:)]|\s?\.$)")
+# Dialogue from a worked example: the second person, or an "I" speaking.
+_SPEAKER = re.compile(r"(?<![\w-])(?:[Yy]ou|[Yy]ours?|I|[Mm]e|[Mm]y)(?![\w(-])")
+# Broken word order: a footnote mark glued to a word ("model.5 For", "HH-RLHFChatGPT,3 released", "tuning2"), a
+# sentence start inside a sentence ("answers Arkansas The best time"), a letter from a font without Unicode map
+# (a math italic read as Hangul), an accent set loose, an unresolved citation ("2020; ?;"), a cut sentence.
+_GARBLED = re.compile(r"[a-z]{2,}\.\d{1,2}\s+[A-Z][a-z]|[A-Za-z]{2,} (?:The|We|Our|They|These|Those|It) [a-z]{2,}|"
+                      r"[A-Za-z],\d{1,2}\s|\b[a-z]{4,}\d{1,2}\b|[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]|"
+                      r"\s[\u0300-\u036f]|[;(]\s?\?\s?[;)]|(?:\bi\.e|\be\.g|\bet al|\bcf)\.$")
+
+
+def reader_problem(question: str, answer: str) -> str | None:
+    """Why a careful reader would reject the pair although it is grounded, or None."""
+    if _FIRST_PERSON.search(question):
+        return "first_person_question"
+    if _FIGURE_PART.search(question):
+        return "figure_part_question"
+    if _GARBLED.search(answer) or answer.rstrip()[-1:] not in ".!?)\"”":
+        return "garbled_answer"
+    if _SPEAKER.search(_SPEAKER_QUOTES.sub("", answer)):
+        return "example_answer"
+    # Only the first sentence's pointers: a later one may point back to it ("... a benchmark. We train on this data").
+    if _BACK_REFERENCE.search(split_sentences(answer)[0]) or _SYMBOL.search(answer):
+        return "answer_needs_context"
+    return None
+
+
+_SPEAKER_QUOTES = re.compile(r"[“\"][^”\"]{0,80}[”\"]")  # a quoted title ("Do you need ...?") is not a speaker
+
+
 def check_pair(p: dict, chunk: dict, qa: QAParams) -> str | None:
     """The first cheap filter a pair fails (sets p["grounding"]), or None."""
     if not qa.min_question_chars <= len(p["question"]) <= qa.max_question_chars:
         return "question_length"
     if not qa.min_answer_chars <= len(p["answer"]) <= qa.max_answer_chars:
         return "answer_length"
+    if reason := reader_problem(p["question"], p["answer"]):
+        return reason
     p["grounding"] = round(grounding(p["answer"], chunk["text"]), 4)
     return "not_grounded" if p["grounding"] < qa.min_grounding else None
 
@@ -264,14 +317,17 @@ class NearDuplicates:
 
 def select(candidates: Iterable[dict], qa: QAParams, dropped: Counter) -> Iterator[dict]:
     """Across the dataset, in order: drop the reasons found per document, near-duplicate questions, and pairs
-    beyond `max_pairs_per_chunk`. Yields the pairs kept and counts the others in `dropped` by reason; only the
-    question index (a MinHash per kept question) stays in memory, never the candidates."""
+    beyond `max_pairs_per_chunk`; section questions ("What is the section X of Y about?") only up to
+    `max_section_share` of each document's kept pairs, after its other pairs (they say more). Yields the pairs
+    kept and counts the others in `dropped` by reason; the question index (a MinHash per kept question) and one
+    document's candidates are all it holds in memory."""
     index = NearDuplicates(qa.near_duplicate_threshold, qa.minhash_permutations)
     per_chunk: Counter = Counter()
-    for p in candidates:
+
+    def admit(p: dict) -> bool:
         if p["drop"]:
             dropped[p["drop"]] += 1
-            continue
+            return False
         m = minhash_from_json(p["minhash"])
         if index.seen(m):
             dropped["near_duplicate_question"] += 1
@@ -280,7 +336,22 @@ def select(candidates: Iterable[dict], qa: QAParams, dropped: Counter) -> Iterat
         else:
             index.add(m)
             per_chunk[p["chunk_id"]] += 1
-            yield {k: v for k, v in p.items() if k not in ("drop", "minhash")}
+            return True
+        return False
+
+    for _, group in groupby(candidates, key=lambda p: p.get("doc_id")):
+        group = list(group)
+        kept = [p for p in group if p.get("kind") != "section" and admit(p)]
+        # sections / (others + sections) <= share  ⇔  sections <= others * share / (1 - share)
+        room = int(len(kept) * qa.max_section_share / (1 - qa.max_section_share)) if qa.max_section_share < 1 \
+            else len(group)
+        for p in (p for p in group if p.get("kind") == "section"):
+            if p["drop"] is None and room <= 0:
+                dropped["over_section_share"] += 1
+            elif admit(p):
+                kept.append(p)
+                room -= 1
+        yield from ({k: v for k, v in p.items() if k not in ("drop", "minhash")} for p in kept)
 
 
 # ---------------------------------------------------------------------------------------------- stage

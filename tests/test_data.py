@@ -136,7 +136,9 @@ def test_qa_pairs_are_grounded_varied_and_deduplicated(data):
     report = read_json(data.paths.qa_report)
     chunks = {c["chunk_id"]: c for c in read_jsonl(data.paths.chunks)}
     documents = read_jsonl(data.paths.documents)
-    assert report["kept"] == len(pairs) >= 100
+    # The sample papers are short: many sections of a few sentences each, and section questions are capped at
+    # qa.max_section_share of a document's pairs (191 pairs before the cap and the reader filters, 68 after).
+    assert report["kept"] == len(pairs) >= 60
     assert report["documents"] == len(documents)
     # Not one template repeated: several kinds of question, each a real share of the data.
     kinds = report["kept_by_kind"]
@@ -208,11 +210,101 @@ def test_a_section_is_answered_by_its_opening_when_it_reads_as_prose():
         opening + " " + second]
 
 
+@pytest.mark.parametrize("question, answer, reason", [
+    ('What do the authors of "P" set for our data type?', "We set the data type to bfloat16 for all runs of it.",
+     "first_person_question"),
+    ('In "P", what is the solid line?', "The solid line is the accuracy of the reward model at each step.",
+     "figure_part_question"),
+    ('According to "P", what does LoRA show?', "LoRA shows a positive correlation with a value of 0.83.",
+     "answer_needs_context"),
+    ('In "P", what are W0 and BA?', "Note that both W0 and BA are in R d×k, as the update must match W0.",
+     "answer_needs_context"),
+    ('How do the authors of "P" keep the model simple?', "To keep it simple, we chose a λ value of 1 for every run.",
+     "answer_needs_context"),
+    ('What does "P" say about LLaMA-13B?', "The two models are LLaMA-13B and Vicuna-13B, fine-tuned on conversations.",
+     "answer_needs_context"),
+    ('What does "P" say about the judges?', "Despite these limitations, the agreement between judges stays high.",
+     "answer_needs_context"),
+    ('What does "P" say about GPT-4?', "GPT-4 answers Arkansas The best time to plant trees is in the spring.",
+     "garbled_answer"),
+    ('What does "P" report for MT-Bench?', "For MT-Bench, we report the average score with GPT-4 as the judge model.5 "
+     "For decoding details, please refer to Appendix A.", "garbled_answer"),
+    ('What is the section "Alignment" of "P" about?', "An LLM should be aligned with human preference, i.e.",
+     "garbled_answer"),
+    ('How do the authors of "P" carry out borrowing?', "To carry out borrowing, we reuse HH-RLHFChatGPT,3 released "
+     "by Song et al. (2023).", "garbled_answer"),  # a footnote mark
+    ('How do the authors of "P" vary the data format?', "We allow instructions that need no input (i.e., 푥is empty).",
+     "garbled_answer"),  # a math italic letter read through a font without a Unicode map
+    ('What does "P" find about ICDPO?', "We show that ICDPO equipped with R yields notable improvement overall.",
+     "answer_needs_context"),  # a variable
+    ('What does "P" find about GPT-4?', "GPT-4 responses are on an average 1.5× longer than those of ChatGPT.", None),
+    ('In "P", what is Microsoft?', "Microsoft is a huge company, and they could help you take the product further.",
+     "example_answer"),
+    ('According to "P", what does SimPO outperform?', "SimPO outperforms DPO by 6.4 points on AlpacaEval 2.", None),
+    ('What does "P" say about InstructGPT?', "InstructGPT (Ouyang et al., 2022), i.e. GPT-3 fine-tuned with RLHF, "
+     "follows instructions better than GPT-3 on the API prompt distribution.", None),
+])
+def test_a_pair_a_careful_reader_rejects_is_dropped_with_its_reason(question, answer, reason):
+    """One sentence of each failure class found by reading kept pairs of real papers (benchmarks/qa_labels/)."""
+    assert qa.reader_problem(question, answer) == reason
+
+
+def test_extractive_skips_examples_people_figure_parts_and_asides():
+    """Subjects that are names in a worked example, people, parts of a figure or table, or items of a list are
+    not asked about; a ranking does not define; the paper's own sentences about its names still are."""
+    prose = ("SimPO aligns the reward with the generation likelihood of the policy model. "
+             "Instruction tuning is used by SimPO and by DPO in all of the experiments here.")
+    chunks = [_chunk(prose, 0, "3 Method"),
+              _chunk("InstructGPT is a good choice for the product team since it follows instructions.", 1,
+                     "11 Case Studies"),
+              _chunk("AzureML is a cloud platform that the meeting attendees want to adopt soon.", 2,
+                     "11.13 Meeting Transcript Processing"),
+              _chunk("Figure 3. SimPO-Curve is the solid line of accuracy on each benchmark we ran.", 3, "4 Results"),
+              _chunk("David Weissman is a researcher who wrote to David Weissman and to David Weissman's team. "
+                     "GSM8K is the benchmark that shows the most volatility across the methods we tried. "
+                     "Similar to AlpacaEval, the Vicuna model does poorly on the reasoning tasks of that benchmark. "
+                     "On tasks including CB, WiC, RTE and WSC, SimPO outperforms the baselines of the paper.", 4,
+                     "4 Results")]
+    asked = [p["question"].replace('"SimPO: Simple Preference Optimization"', "P") for p in
+             extractive.extractive_document(chunks)]
+    assert not [q for q in asked if any(n in q for n in ("InstructGPT", "AzureML", "SimPO-Curve", "David",
+                                                         "AlpacaEval", "CB", "WiC"))], asked
+    assert "In P, what is GSM8K?" not in asked  # the ranking may answer what P says about GSM8K, not what it is
+    assert "According to P, what does SimPO align?" in asked
+
+
+def test_section_questions_are_at_most_their_share_of_a_documents_pairs(tmp_path):
+    qa_params = make_params(tmp_path).qa
+    assert qa_params.max_section_share == 0.25
+
+    def pair(i, kind, doc="d1"):
+        p = {"question": f"Question number {i} about something {kind}?", "answer": "a", "chunk_id": f"c{i}",
+             "doc_id": doc, "title": "T", "kind": kind, "drop": None}
+        p["minhash"] = qa.minhash_to_json(qa.minhash(qa.question_key(p), qa_params.minhash_permutations))
+        return p
+
+    # share 0.25: three other pairs leave room for one section question (1 of 4); the other document has none
+    candidates = [pair(0, "section"), pair(1, "section"), pair(2, "fact"), pair(3, "method"), pair(4, "result"),
+                  pair(5, "section", "d2"), pair(6, "definition", "d2")]
+    dropped = Counter()
+    kept = list(qa.select(candidates, qa_params, dropped))
+    assert [k["question"].split()[2] for k in kept] == ["2", "3", "4", "0", "6"]
+    assert dropped == {"over_section_share": 2}
+
+
+def test_sentences_end_where_abbreviations_do_not():
+    assert chunk.split_sentences("LLMs should be aligned, i.e. Human preference matters. See Fig. 3 for it. "
+                                 "Smith et al. (2020) agree. Next one.") == [
+        "LLMs should be aligned, i.e. Human preference matters.", "See Fig. 3 for it.", "Smith et al. (2020) agree.",
+        "Next one."]
+
+
 def test_qa_filters_and_near_duplicates_drop_and_count(data):
-    chunk_ = _chunk("Adapters add few parameters. LoRA freezes the weights and trains A and B.")
-    cases = [("What does LoRA freeze?", "LoRA freezes the weights and trains A and B.", None),
+    # (not "trains A and B": matrices named by letters the answer does not explain fail reader_problem)
+    chunk_ = _chunk("Adapters add few parameters. LoRA freezes the weights and trains two low-rank matrices.")
+    cases = [("What does LoRA freeze?", "LoRA freezes the weights and trains two low-rank matrices.", None),
              ("What is DoRA's magnitude?", "The magnitude vector is learned per column.", "not_grounded"),
-             ("Why?", "LoRA freezes the weights and trains A and B.", "question_length")]
+             ("Why?", "LoRA freezes the weights and trains two low-rank matrices.", "question_length")]
     for question, answer, reason in cases:
         assert qa.check_pair({"question": question, "answer": answer}, chunk_, data.qa) == reason
     q = "Which weights does LoRA keep frozen while the low-rank matrices A and B are trained on the task?"

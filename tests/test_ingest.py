@@ -190,6 +190,7 @@ def test_title_mending_and_control_characters():
     assert pdf_text.mend_title(["LARGE LAN- GUAGE MODELS"], spell) == "LARGE LANGUAGE MODELS"
     assert pdf_text.mend_title(["PARAMETER-", "EFFICIENT TUNING"], spell) == "PARAMETER-EFFICIENT TUNING"
     assert clean("A\x1b[31m Title\nwith\x00 escapes\u200b") == "A [31m Title with escapes"
+    assert clean("Sch\u00a8utze and Rockt\u00a8aschel") == "Schütze and Rocktäschel"  # TeX's loose accents
 
 
 def test_fidelity_record(sample):
@@ -350,6 +351,101 @@ def test_two_column_layout(tmp_path):
     assert "Synthetic Study of Column Order" not in text and "Unique Reference Marker" not in text
     assert "Appendix text is kept" in text and "both columns carry real prose" in text
     assert not any(re.fullmatch(r"\d+", b["text"]) for b in blocks(doc))
+
+
+NUMBERED = "[{n}] Ada Lovelace{n}, Bob Sample, and Carl Tester. A study of topic {n} in language models. arXiv " \
+    "preprint arXiv:2301.{n:05d}, 2022."
+AUTHOR_YEAR = "Lovelace{n}, A., Sample, B., and Tester, C. Scaling topic {n} with tests. In Proceedings of the " \
+    "Conference on Tests, pp. 1-10, 2021."
+
+
+def unheaded_references_paper(path: Path, entries: list[str]) -> None:
+    """Single column, an outline without a "References" entry, and no reference heading at all: the entries run
+    from the last body section over two pages, and an appendix follows them."""
+    doc = pymupdf.open()
+    p = doc.new_page(width=612, height=792)
+    write_lines(p, 100, 80, ["A Study Without a Reference Heading"], 16, "hebo")
+    y = write_lines(p, 72, 130, ["1 Introduction"], 12, "hebo")
+    y = write_lines(p, 72, y, ["The introduction explains why reference lists must be found by their entries",
+                               "when the outline and the layout give no heading for them at all."])
+    y = write_lines(p, 72, y + 6, ["2 Method"], 12, "hebo")
+    y = write_lines(p, 72, y, ["The method section is the last body section of the outline, so the list of",
+                               "references printed after it sits inside it as far as the outline can tell."])
+    for i, entry in enumerate(entries):
+        if y > 700:
+            p, y = doc.new_page(width=612, height=792), 80
+        words, rows = entry.split(), [""]
+        for w in words:  # wrapped at about 85 characters, like a printed entry
+            rows[-1:] = [rows[-1] + " " + w] if len(rows[-1]) + len(w) < 85 else [rows[-1], w]
+        y = write_lines(p, 72, y, [r.strip() for r in rows], 9) - 3
+    p = doc.new_page(width=612, height=792)
+    y = write_lines(p, 72, 80, ["A Appendix Details"], 12, "hebo")
+    write_lines(p, 72, y, ["The appendix after the list is real content of the paper and stays in the text,",
+                           "with every sentence of it kept where the list ended."])
+    doc.set_toc([[1, "Introduction", 1], [1, "Method", 1], [1, "Appendix Details", doc.page_count]])
+    doc.save(path)
+
+
+@pytest.mark.parametrize("style", ["numbered", "author-year", "mixed"])
+def test_reference_list_without_a_heading_is_found_by_its_entries(tmp_path, style):
+    entries = [(NUMBERED if style == "numbered" or (style == "mixed" and n % 2) else AUTHOR_YEAR).format(n=n)
+               for n in range(1, 19)]
+    unheaded_references_paper(tmp_path / "p.pdf", entries)
+    cfg = make_params(tmp_path).ingest
+    doc = ingest.extract_pdf.fn("id", str(tmp_path / "p.pdf"), cfg)
+    text = full_text(doc)
+    assert not re.search(r"Lovelace\d|topic \d+ (?:in|with)", text), text
+    assert "inside it as far as the outline can tell." in text and "where the list ended." in text
+    assert doc["sections"] == ["1 Introduction", "2 Method", "A Appendix Details"]
+    fidelity = doc["fidelity"]
+    assert fidelity["dropped_chars"]["references"] >= sum(map(len, entries)) * 0.95
+    assert not fidelity["references_implausible"]
+
+
+def test_a_reference_list_left_in_the_text_is_flagged(tmp_path):
+    """The report flags a document whose cut is far below its reference-looking text: here entries come in
+    groups of three between paragraphs of prose, too few together to be taken for a list, so none is cut."""
+    prose = ("This paragraph is prose that the authors wrote between the groups of entries, and it is long enough "
+             "that the reference cut must not read it as part of a list: it says what the entries are for, why they "
+             "are there and how they were chosen, in the words of the paper itself, which is what makes it prose. "
+             "It is here so that no run of entries is long enough to be taken for a list of references. It goes "
+             "on past the characters of other text that end a list (reference_stop_chars), so each group of "
+             "entries is a run of its own.")
+    entries = [NUMBERED.format(n=n) if n % 4 else prose for n in range(1, 25)]
+    unheaded_references_paper(tmp_path / "p.pdf", entries)
+    doc = ingest.extract_pdf.fn("id", str(tmp_path / "p.pdf"), make_params(tmp_path).ingest)
+    assert "Ada Lovelace3, Bob Sample" in full_text(doc)
+    assert doc["fidelity"]["references_implausible"] and doc["fidelity"]["reference_like_chars"] > 1500
+
+
+def test_appendix_headings_run_into_text_and_prose_after_a_caption_are_split(tmp_path):
+    """An outline without the appendix's entries leaves its capitalised headings (body size, not bold) in the
+    paragraph they head; a caption's block also holds the prose set after it in body size. Both are split: the
+    headings become headings, the prose a paragraph of its own (it is not the caption's)."""
+    doc = pymupdf.open()
+    p = doc.new_page(width=612, height=792)
+    write_lines(p, 100, 80, ["A Study With an Appendix"], 16, "hebo")
+    y = write_lines(p, 72, 130, ["1 Introduction"], 12, "hebo")
+    write_lines(p, 72, y, ["The introduction is the only section in the outline of this small paper, so every",
+                           "heading of its appendix must be found in the text where it was printed."])
+    p = doc.new_page(width=612, height=792)
+    write_lines(p, 72, 80, ["D HYPERPARAMETERS USED IN EXPERIMENTS", "D.1 ROBERTA",
+                            "We train using AdamW with a linear learning rate decay schedule and a warmup",
+                            "of six percent of the steps, for every task of the benchmark."])
+    p.insert_text((72, 200), "Figure 4: Accuracy of each model on the tasks. Dashed lines indicate random guessing.",
+                  fontsize=8)
+    write_lines(p, 72, 211, ["The datasets that follow the figure are described here in the body text size,",
+                             "one after the other, with their sizes and their sources."])
+    doc.set_toc([[1, "Introduction", 1]])
+    doc.save(tmp_path / "p.pdf")
+    rec = ingest.extract_pdf.fn("id", str(tmp_path / "p.pdf"), make_params(tmp_path).ingest)
+    assert rec["sections"] == ["1 Introduction", "D HYPERPARAMETERS USED IN EXPERIMENTS", "D.1 ROBERTA"]
+    assert [b["level"] for b in blocks(rec) if b["kind"] == "heading"] == [1, 1, 2]
+    page2 = rec["pages"][1]["blocks"]
+    assert [b["kind"] for b in page2] == ["heading", "heading", "text", "caption", "text"], page2
+    assert page2[2]["text"].startswith("We train using AdamW") and page2[2]["text"].endswith("of the benchmark.")
+    assert page2[3]["text"].endswith("Dashed lines indicate random guessing.")
+    assert page2[4]["text"].startswith("The datasets that follow the figure")
 
 
 def test_line_end_hyphens():

@@ -32,6 +32,10 @@ CUE_RE = re.compile(
 # Author lists: "Amanda Askell, Anna Chen, ..." (two capitalised words and a comma).
 NAME_RE = re.compile(r"\b[A-Z][\w'’.-]* [A-Z][\w'’-]+,")
 ENTRY_START_RE = re.compile(r"\[\d{1,3}\]\s")
+# How a reference entry begins: "[9] ", "Bai, Y., Jones, A.," or "Tom Brown, Benjamin Mann," (author-year styles),
+# "[BZB+19] Yonatan Bisk," (alphanumeric keys).
+ENTRY_HEAD_RE = re.compile(r"\[[\w+]{1,10}\]\s|[A-Z][\w'’-]+(?: [A-Z][\w'’-]+)?, (?:[A-Z]\.[ -]?){1,3}[,.]"
+                           r"|(?:[A-Z][\w'’.-]* ){1,3}[A-Z][\w'’-]+, (?:and )?[A-Z]")
 PROSE_RE = re.compile(r"\b(?:we|our|is|are|was|were|this|these|which|can|will|has|have|it|its|such|than|they)\b")
 
 
@@ -173,31 +177,64 @@ def reference_like(text: str) -> bool:
     return cues >= 1 and cues * 220 >= len(text) and len(PROSE_RE.findall(text.lower())) / words < 0.05
 
 
-def cut_references(pages: list[list[dict]], stop_chars: int) -> int:
+def entry_like(text: str) -> bool:
+    """A block that starts a reference entry (or several): an entry's head and reference-like text."""
+    return ENTRY_HEAD_RE.match(text) is not None and reference_like(text)
+
+
+def cut_references(pages: list[list[dict]], stop_chars: int, min_run_chars: int) -> tuple[int, int]:
     """Remove the reference list: from the "References"/"Bibliography" heading through the last block that
     reads as reference entries before `stop_chars` of other text (or a heading followed by other text) show
-    that the list is over. Returns the characters removed."""
+    that the list is over. A list whose heading was not found (run into the first entry, set in body style, or
+    absent; an outline without a "References" entry leaves the list inside the last body section) is found by
+    its entries: a run of blocks that each start an entry, at least `min_run_chars` of them, ended the same way
+    or by a heading. Returns the characters removed and the characters of the document's blocks that start
+    entries, before the cut (the ingest report compares the two)."""
     flat = [(p, i, b) for p, blocks in enumerate(pages) for i, b in enumerate(blocks)]
+    like = [b["kind"] == "text" and reference_like(b["text"]) for _, _, b in flat]
+    entries = [r and entry_like(b["text"]) for (_, _, b), r in zip(flat, like)]
+    looking = sum(len(b["text"]) for (_, _, b), e in zip(flat, entries) if e)
+    spans = []
     start = next((k for k, (_, _, b) in enumerate(flat) if b["kind"] == "heading" and is_reference_heading(b["text"])),
                  None)
-    if start is None:
-        return 0
+    if start is not None:
+        spans.append((start, list_end(flat, like, start, stop_chars, across_headings=True)))
+    k = 0
+    while k < len(flat):
+        if not entries[k] or any(a <= k <= b for a, b in spans):
+            k += 1
+            continue
+        end = list_end(flat, like, k, stop_chars, across_headings=False)
+        if sum(len(flat[j][2]["text"]) for j in range(k, end + 1) if entries[j]) < min_run_chars:
+            k += 1  # a paragraph or two that cite papers: not a list
+            continue
+        before = flat[k - 1][2] if k else None  # the list's heading, when it was read as a line of text
+        spans.append((k - 1 if before and before["kind"] == "text" and is_reference_heading(before["text"]) else k,
+                      end))
+        k = end + 1
+    drop = {(flat[j][0], flat[j][1]) for a, b in spans for j in range(a, b + 1)}
+    removed = sum(len(b["text"]) for p, i, b in flat if (p, i) in drop)
+    for p, blocks in enumerate(pages):
+        blocks[:] = [b for i, b in enumerate(blocks) if (p, i) not in drop]
+    return removed, looking
+
+
+def list_end(flat: list[tuple], member: list[bool], start: int, stop_chars: int, across_headings: bool) -> int:
+    """Index of the last block of the reference list that begins at `start`: the last member block before
+    `stop_chars` of other text. Under a reference heading the list goes on across a heading followed by a member
+    (entries set under letter headings); a list found by its entries alone ends at any heading."""
     end, other = start, 0
     for k in range(start + 1, len(flat)):
         b = flat[k][2]
         if b["kind"] == "heading":
-            nxt = next((x[2] for x in flat[k + 1:] if x[2]["kind"] == "text"), None)
-            if nxt is None or not reference_like(nxt["text"]):
+            nxt = next((j for j in range(k + 1, len(flat)) if flat[j][2]["kind"] == "text"), None)
+            if not across_headings or nxt is None or not member[nxt]:
                 break
             continue
-        if b["kind"] == "text" and reference_like(b["text"]):
+        if member[k]:
             end, other = k, 0
             continue
         other += len(b["text"])
         if other >= stop_chars:
             break
-    drop = {(p, i) for p, i, _ in flat[start:end + 1]}
-    removed = sum(len(b["text"]) for p, i, b in flat[start:end + 1])
-    for p, blocks in enumerate(pages):
-        blocks[:] = [b for i, b in enumerate(blocks) if (p, i) not in drop]
-    return removed
+    return end

@@ -52,7 +52,9 @@ def extract(doc: pymupdf.Document, doc_id: str, cfg: IngestParams) -> dict:
         mark_layout(pages, body)
     blocks = [page_blocks(page, spellings) for page in pages]
     join_continuations(blocks, spellings)
-    references = cut_references(blocks, cfg.reference_stop_chars) if cfg.drop_references else 0
+    references = looking = 0
+    if cfg.drop_references:
+        references, looking = cut_references(blocks, cfg.reference_stop_chars, cfg.reference_min_run_chars)
 
     headings = [b for page in blocks for b in page if b["kind"] == "heading"]
     kept = len(title) + sum(len(b["text"]) for page in blocks for b in page)
@@ -74,6 +76,11 @@ def extract(doc: pymupdf.Document, doc_id: str, cfg: IngestParams) -> dict:
                               "rotated_text": rotated_chars},
             "sections": len(headings),
             "tables": sum(b["kind"] == "table" for page in blocks for b in page),
+            # A cut far below the reference-looking text means the list (or part of it) was not found and its
+            # entries are still in the text: the report flags the document instead of passing it in silence.
+            "reference_like_chars": looking,
+            "references_implausible": cfg.drop_references and looking >= cfg.reference_min_run_chars
+            and references < cfg.reference_min_cut_share * looking,
             # outline entries found on their printed line (the others got a heading line at their target)
             "outline_entries": len(outline), "outline_matched": matched,
         },

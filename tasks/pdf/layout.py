@@ -21,10 +21,21 @@ PAGE_NUMBER_RE = re.compile(r"(?:page\s*)?\d{1,4}(?:\s*(?:of|/)\s*\d{1,4})?|[ivx
 BOLD_FONT_RE = re.compile(r"bold|medi|semibold|black|heavy|demi|-bd|\.b$", re.I)
 
 
+# TeX sets an accent as a glyph of its own before its letter ("Sch¨utze"); NFKC makes that spacing "¨" a space and
+# a combining mark, which would stand alone in the text ("Sch ̈utze"): the mark goes back onto its letter, a vowel
+# or one of the consonants TeX accents in names (ń, š, č, ź). Before another letter the "´" was an apostrophe in a
+# model's output ("you´re") and is left as it was.
+LOOSE_ACCENT_RE = re.compile(r" ([\u0300-\u036f])([AEIOUYaeiouyNnSsCcZz])")
+
+
 def clean(text: str) -> str:
     """NFKC turns ligatures (ﬁ ﬂ ﬀ ﬃ ﬄ) and compatibility spaces into plain letters and spaces; control and
-    zero-width characters go (they are never text a reader sees, and in a title they would reach prompts)."""
-    return " ".join(CONTROL_RE.sub(" ", unicodedata.normalize("NFKC", text)).split())
+    zero-width characters go (they are never text a reader sees, and in a title they would reach prompts);
+    TeX's loose accents are put back on their letters ("Schütze")."""
+    text = unicodedata.normalize("NFKC", text)
+    if "\u0300" <= max(text, default=" "):  # the cheap test first: called for every line
+        text = unicodedata.normalize("NFC", LOOSE_ACCENT_RE.sub(r"\2\1", text))
+    return " ".join(CONTROL_RE.sub(" ", text).split())
 
 
 def caps(text: str) -> bool:

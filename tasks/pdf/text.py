@@ -17,6 +17,8 @@ WORD_RE = re.compile(r"[a-z]+")
 COMPOUND_RE = re.compile(r"[a-z]+(?:-[a-z]+)+")
 # "Table 3:", "Figure 2.", "Fig. 4 |", "Table A.1:" at the start of a block: the block is a caption.
 CAPTION_RE = re.compile(r"(?:Table|Figure|Fig\.)\s+(?:[A-Z]\.?)?\d{1,3}(?:\.\d{1,2})?\s*[:.|]")
+# "D HYPERPARAMETERS USED IN EXPERIMENTS", "D.1 ROBERTA", "4 OUR METHOD": a number, then a title in capitals.
+CAPS_HEADING_RE = re.compile(r"((?:\d{1,2}|[A-Z])(?:\.\d{1,2}){0,3})\.?\s+([A-Z][A-Z0-9][A-Z0-9 ,:&()'’/+-]{2,80})")
 
 
 def spellings_of(pages: list[list[dict]]) -> set[str]:
@@ -54,9 +56,24 @@ def joined(lines: list[str], spellings: set[str]) -> str:
     return reduce(lambda a, b: join_broken(a, b, spellings), lines)
 
 
+def run_in_heading(ln: dict, nxt: dict | None) -> tuple[int, str] | None:
+    """(level, text) of an unmarked line that is a numbered heading in capitals ("D HYPERPARAMETERS USED IN
+    EXPERIMENTS", "D.1 ROBERTA") at the head of a block, when the next line is another such heading or prose:
+    an outline without the appendix's entries, or a heading the layout did not find, would otherwise run it
+    into the paragraph's first sentence."""
+    m = CAPS_HEADING_RE.fullmatch(ln["text"])
+    if not m or len(ln["text"].split()) > 12 or nxt is None:
+        return None
+    if not (CAPS_HEADING_RE.fullmatch(nxt["text"]) or (nxt["text"][:1].isupper() and len(nxt["text"].split()) >= 6)):
+        return None
+    return m.group(1).count(".") + 1, ln["text"]
+
+
 def page_blocks(blocks: list[list[dict]], spellings: set[str]) -> list[dict]:
     """Lines of each layout block → blocks: a marked heading line (with the lines that continue a wrapped
-    heading), a table, a caption (a block starting "Table 3:" / "Figure 2."), or a paragraph."""
+    heading), a numbered heading in capitals at the head of a block (see run_in_heading), a table, a caption (a
+    block starting "Table 3:" / "Figure 2.", up to a line in another type size: the prose set after it), or a
+    paragraph."""
     out: list[dict] = []
     for lines in blocks:
         if lines[0].get("table"):
@@ -64,16 +81,23 @@ def page_blocks(blocks: list[list[dict]], spellings: set[str]) -> list[dict]:
             continue
         para: list[str] = []
         kind = "caption" if CAPTION_RE.match(lines[0]["text"]) else "text"
-        for ln in lines:
+        head = kind == "text"  # still at the head of the block: run-in headings are looked for here only
+        for i, ln in enumerate(lines):
             if ln.get("continues"):  # second line of a wrapped heading: already in the heading's text
                 continue
-            if "heading" not in ln:
+            found = ln.get("heading") or (run_in_heading(ln, lines[i + 1] if i + 1 < len(lines) else None)
+                                          if head and not para else None)
+            head = head and found is not None
+            if kind == "caption" and para and abs(ln["size"] - lines[0]["size"]) >= 0.5:
+                out.append({"kind": kind, "text": joined(para, spellings)})  # the caption ends, prose follows
+                para, kind = [], "text"
+            if not found:
                 para.append(ln["text"])
                 continue
             if para:
                 out.append({"kind": kind, "text": joined(para, spellings)})
                 para, kind = [], "text"
-            level, text = ln["heading"]
+            level, text = found
             out.append({"kind": "heading", "level": level, "text": text})
         if para:
             out.append({"kind": kind, "text": joined(para, spellings)})
