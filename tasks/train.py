@@ -410,19 +410,30 @@ def run_key(cfg: TrainParams, paths: Paths) -> dict:
     }
 
 
-def skip_reason(cfg: TrainParams, paths: Paths, key: dict, train_ids: list[str]) -> str | None:
+def read_chunk_ids(cfg: TrainParams, paths: Paths) -> list[str]:
+    """One id per chunk of text training reads, from its content (none with `train.read_documents: none`)."""
+    if cfg.read_documents == "none":
+        return []
+    return [f"chunk:{content_hash(c['text'])[:24]}" for c in read_jsonl(paths.chunks)]
+
+
+def skip_reason(cfg: TrainParams, paths: Paths, key: dict, data_ids: list[str]) -> str | None:
+    """Why training can keep the adapter, or None. `data_ids`: the training pairs' ids and the read chunks' ids."""
     meta_path = Path(paths.adapter) / META
     if not meta_path.exists():
         return None
     prev = read_json(meta_path)
     if prev["run_key"] == key["key"]:
         return "QA dataset and training params unchanged (same base model and code)"
-    # The retraining threshold compares QA pairs only: another base model, params, code or chunk text retrains.
+    # The retraining threshold compares data only (QA pairs and the text read): another base model, params or code
+    # always retrains.
     same_setup = (prev["train_params"] == cfg.model_dump(mode="json") and prev["base_model"] == key["base_model"]
-                  and prev.get("code_hash") == key["code_hash"] and prev.get("chunks_hash") == key["chunks_hash"])
-    changed = len(set(train_ids) ^ set(prev["train_pair_ids"])) / max(len(set(train_ids) | set(prev["train_pair_ids"])), 1)
+                  and prev.get("code_hash") == key["code_hash"])
+    before, now = set(prev["train_pair_ids"]) | set(prev.get("read_chunk_ids", [])), set(data_ids)
+    changed = len(now ^ before) / max(len(now | before), 1)
     if same_setup and changed < cfg.min_changed_fraction:
-        return f"only {changed:.1%} of training pairs changed (< train.min_changed_fraction={cfg.min_changed_fraction})"
+        return (f"only {changed:.1%} of the training data changed (QA pairs and chunks read; "
+                f"< train.min_changed_fraction={cfg.min_changed_fraction})")
     return None
 
 
@@ -486,6 +497,7 @@ def save_adapter(paths: Paths, cfg: TrainParams, model, tokenizer, record: dict,
             "prompt_template": cfg.prompt_template, "system_prompt": cfg.system_prompt,
             "quantization": cfg.quantization, "compute_dtype": cfg.compute_dtype,
             "train_pair_ids": record["train_pair_ids"],  # no MLflow run id: DVC tracks this folder
+            "read_chunk_ids": record["read_chunk_ids"],
             "code_hash": key["code_hash"], "chunks_hash": key["chunks_hash"],
             # What the model read, and how a passage was shown to it (ask and evaluate use the same prompts).
             "read_documents": cfg.read_documents, "documents_read": record["read_documents"],
@@ -540,8 +552,8 @@ def run(train: TrainParams, mlflow: MLflowParams, paths: Paths, record: Params) 
     if not pairs or not read_jsonl(paths.eval_split):
         raise PipelineError("the split has an empty side: add PDFs or lower split.eval_fraction")
     key = run_key(train, paths)
-    train_ids = [p["pair_id"] for p in pairs]
-    if reason := skip_reason(train, paths, key, train_ids):
+    train_ids, chunk_ids = [p["pair_id"] for p in pairs], read_chunk_ids(train, paths)
+    if reason := skip_reason(train, paths, key, train_ids + chunk_ids):
         logger().info(f"train: skipped, {reason}; keeping the adapter in {paths.adapter}")
         log_skipped(mlflow, paths, reason)
         return {**read_json(paths.train_metrics), "skipped": reason}
@@ -551,6 +563,7 @@ def run(train: TrainParams, mlflow: MLflowParams, paths: Paths, record: Params) 
         "params_nested": record.model_dump(mode="json"),
         "qa_dataset_hash": qa_report.get("dataset_hash", "unknown"),
         "train_pair_ids": train_ids,
+        "read_chunk_ids": chunk_ids,
     }
     metrics = train_adapter(train, mlflow, paths, info, key)
     logger().info(f"train: loss {metrics['train_loss']:.3f}, eval loss {metrics['eval_loss']:.3f} → {paths.adapter}")

@@ -98,7 +98,7 @@ def _build_base(p, seed: int):
 
 def test_training_key_covers_base_model_content_and_code(tmp_path, monkeypatch):
     from tasks.adapter import META
-    from tasks.train import run_key, skip_reason
+    from tasks.train import read_chunk_ids, run_key, skip_reason
 
     p = make_params(tmp_path, train={"min_changed_fraction": 1.0})  # data-wise, any change would be skipped
     _build_base(p, seed=0)
@@ -109,15 +109,29 @@ def test_training_key_covers_base_model_content_and_code(tmp_path, monkeypatch):
     key = run_key(p.train, p.paths)
     common.write_json(p.paths.adapter / META, {
         "run_key": key["key"], "base_model": key["base_model"], "train_params": p.train.model_dump(mode="json"),
-        "code_hash": key["code_hash"], "chunks_hash": key.get("chunks_hash"), "train_pair_ids": ["a", "b"]})
+        "code_hash": key["code_hash"], "train_pair_ids": ["a", "b"]})
     assert skip_reason(p.train, p.paths, key, ["a", "b"]).startswith("QA dataset and training params unchanged")
 
-    # Training reads the documents' text (train.read_documents: all): one edited chunk, same QA pairs, retrains.
+    # Training reads the documents' text (train.read_documents: all): one edited chunk, same QA pairs, retrains
+    # (at the default threshold: any change of the training data).
     assert p.train.read_documents == "all"
     common.write_jsonl(p.paths.chunks, [chunks[0], {**chunks[1], "text": "Text 1, corrected."}])
     reread = run_key(p.train, p.paths)
-    assert reread["key"] != key["key"] and skip_reason(p.train, p.paths, reread, ["a", "b"]) is None
+    assert reread["key"] != key["key"]
+    for threshold, decision in ((0.0, None), (0.5, "only 40.0% of the training data changed")):  # 2 of 5 ids
+        cfg = p.train.model_copy(update={"min_changed_fraction": threshold})
+        common.write_jsonl(p.paths.chunks, chunks)
+        common.write_json(p.paths.adapter / META, {
+            "run_key": key["key"], "base_model": key["base_model"], "train_params": cfg.model_dump(mode="json"),
+            "code_hash": key["code_hash"], "train_pair_ids": ["a", "b"],
+            "read_chunk_ids": read_chunk_ids(cfg, p.paths)})
+        common.write_jsonl(p.paths.chunks, [chunks[0], {**chunks[1], "text": "Text 1, corrected."}])
+        reason = skip_reason(cfg, p.paths, reread, ["a", "b", *read_chunk_ids(cfg, p.paths)])
+        assert reason == decision or reason.startswith(decision), (threshold, reason)
     common.write_jsonl(p.paths.chunks, chunks)
+    common.write_json(p.paths.adapter / META, {
+        "run_key": key["key"], "base_model": key["base_model"], "train_params": p.train.model_dump(mode="json"),
+        "code_hash": key["code_hash"], "train_pair_ids": ["a", "b"], "read_chunk_ids": read_chunk_ids(p.train, p.paths)})
 
     _build_base(p, seed=1)  # same name, revision and tokenizer: other weights
     rebuilt = run_key(p.train, p.paths)
@@ -416,7 +430,7 @@ def test_an_evaluation_mlflow_could_not_record_fails_the_stage(tmp_path, monkeyp
     p.paths.adapter.mkdir(parents=True)
     with pytest.raises(PipelineError, match=rf"^scores written to {p.paths.eval_metrics}, but not logged to "
                                             rf"MLflow: MLflow store {db} is corrupt"):
-        evaluate.log_evaluation(p.mlflow, p.evaluate, {}, p.paths)
+        evaluate.log_evaluation(p.mlflow, p.evaluate, {}, {}, p.paths)
 
 
 # ---------------------------------------------------------------------------------------------- processes

@@ -27,7 +27,7 @@ def test_dask_local_cluster_gives_the_same_qa_dataset(tmp_path, caplog):
     assert any(m.startswith("ingest: 4 computed, 0 from cache") for m in caplog.messages)
     assert any(m.startswith("qa (extractive):") and ", 0 from cache" in m for m in caplog.messages)
     a, b = read_json(threads.paths.qa_report), read_json(dask.paths.qa_report)
-    assert a["kept"] > 40 and a["dataset_hash"] == b["dataset_hash"]
+    assert a["kept"] > 20 and a["dataset_hash"] == b["dataset_hash"]
     assert threads.paths.chunks.read_text() == dask.paths.chunks.read_text()
 
 
@@ -60,13 +60,12 @@ def test_retraining_threshold_on_changed_training_pairs(tmp_path):
     base = {"name": "builtin:tiny-llama", "revision": None, "tokenizer_hash": "t"}
     old_ids = [f"pair{i}" for i in range(100)]
     write_json(p.paths.adapter / train.META, {"run_key": "old", "train_params": p.train.model_dump(mode="json"),
-                                              "base_model": base, "train_pair_ids": old_ids, "code_hash": "c",
-                                              "chunks_hash": "h"})
-    key = {"key": "new", "base_model": base, "code_hash": "c", "chunks_hash": "h"}
+                                              "base_model": base, "train_pair_ids": old_ids, "code_hash": "c"})
+    key = {"key": "new", "base_model": base, "code_hash": "c"}
     assert train.skip_reason(p.train, p.paths, {**key, "key": "old"}, old_ids).startswith(
         "QA dataset and training params unchanged")
     few_new = old_ids[:95] + [f"new{i}" for i in range(5)]  # 10 of 105 ids differ: 9.5%
-    assert train.skip_reason(p.train, p.paths, key, few_new).startswith("only 9.5% of training pairs changed")
+    assert train.skip_reason(p.train, p.paths, key, few_new).startswith("only 9.5% of the training data changed")
     many_new = old_ids[:60] + [f"new{i}" for i in range(40)]
     assert train.skip_reason(p.train, p.paths, key, many_new) is None
     other_params = p.train.model_copy(update={"learning_rate": 1e-4, "min_changed_fraction": 0.2})
