@@ -82,7 +82,7 @@ def throughput(p, steps: int, packed: bool) -> dict:
     torch.manual_seed(0)
     model = train.lora_model(p.paths.base_model, cfg)
     args = train.training_arguments(cfg, Path(tempfile.mkdtemp()), cuda=False)
-    args.eval_strategy, args.save_strategy, args.disable_tqdm = "no", "no", True
+    args.eval_strategy, args.save_strategy, args.disable_tqdm, args.eval_on_start = "no", "no", True, False
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate)
     start = time.perf_counter()
     trainer.train()
