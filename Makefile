@@ -49,6 +49,7 @@ serve: install            ## run the pipeline on its cron schedule on this machi
 bench: install            ## speed and memory benchmarks (figures and ratios, side by side)
 	python benchmarks/ingest.py
 	python benchmarks/ingest_quality.py   # on ../shared/corpus (real papers); says so and skips without it
+	python benchmarks/qa_quality.py       # the same papers' QA, scored by the hand labels of benchmarks/qa_labels
 	python benchmarks/train.py
 	python benchmarks/eval.py
 	python benchmarks/pipeline.py

@@ -131,7 +131,8 @@ def test_training_key_covers_base_model_content_and_code(tmp_path, monkeypatch):
     common.write_jsonl(p.paths.chunks, chunks)
     common.write_json(p.paths.adapter / META, {
         "run_key": key["key"], "base_model": key["base_model"], "train_params": p.train.model_dump(mode="json"),
-        "code_hash": key["code_hash"], "train_pair_ids": ["a", "b"], "read_chunk_ids": read_chunk_ids(p.train, p.paths)})
+        "code_hash": key["code_hash"], "train_pair_ids": ["a", "b"],
+        "read_chunk_ids": read_chunk_ids(p.train, p.paths)})
 
     _build_base(p, seed=1)  # same name, revision and tokenizer: other weights
     rebuilt = run_key(p.train, p.paths)

@@ -119,45 +119,48 @@ def test_dvc_repro_reproduces_the_default_run_and_reruns_only_what_changed(tmp_p
     assert {a.path for a in client.list_artifacts(r.info.run_id, "plots")} >= {"plots/loss.png"}
     assert {a.path for a in client.list_artifacts(ev.info.run_id, "plots")} >= {"plots/rouge.png"}
 
-    assert "Data and pipelines are up to date" in run(dvc + ["repro"], work, env)
-
-    # A qa param re-runs qa (and, as its output changes, what follows), not ingest, base_model or chunk. A dry
-    # run says which stages DVC finds changed without running them (a real rerun would train again).
-    committed = (work / "params.yaml").read_text()
-    params = yaml.safe_load(committed)
-    params["qa"]["min_answer_chars"] = 60  # drops short answers: the QA dataset changes
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    second = run(dvc + ["repro", "--dry"], work, env)
-    (work / "params.yaml").write_text(committed)
-    ran = {s for s in ("ingest", "base_model", "chunk", "qa", "split", "train", "evaluate")
-           if f"Running stage '{s}'" in second}
-    assert ran == {"qa"}, second[-2000:]
-    downstream = run(dvc + ["dag", "--dot"], work, env)
-    assert all(f'"{a}" -> "{b}"' in downstream for a, b in (("qa", "split"), ("split", "train"), ("train", "evaluate")))
-
-    # A new PDF: DVC re-runs ingest, and the stage extracts only that PDF (the rest come from Prefect's cache).
-    pdfs = work / "data" / "sample" / "pdfs"
-    n = len(list(pdfs.glob("*.pdf")))
-    doc = pymupdf.open()
-    page = doc.new_page()
-    for i, line in enumerate(["A New Paper on Caching", "Abstract",
-                              "Caches keyed by the content of a file never go stale, whatever the file is called.",
-                              "A renamed file is the same paper and comes from the cache; an edited one is a new",
-                              "paper, and only it is extracted, chunked and turned into questions again. This",
-                              "page is long enough for ingest to keep it as a document of its own."]):
-        page.insert_text((72, 80 + 16 * i), line, fontsize=11)
-    doc.save(pdfs / "new-paper.pdf")
-    third = run(dvc + ["repro", "chunk"], work, env)
-    assert f"ingest: 1 computed, {n} from cache" in third
-    assert f"chunk: 1 computed, {n} from cache" in third
-    assert "metrics" in run(dvc + ["metrics", "show"], work, env)
-
-    # The champion answers over HTTP: `mlflow models serve` on 127.0.0.1 at a free port, stopped by its pid.
+    # `mlflow models serve` of the registered champion, on 127.0.0.1 at a free port (stopped by its pid at the end):
+    # it starts and loads the model while the DVC checks below run.
     port = free_port()
     server = start([os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve", "-m",
                     "models:/papertune-adapter@champion", "--env-manager", "local", "--host", "127.0.0.1",
                     "--port", str(port)], tmp_path / "serve.log", cwd=work, env=env)
     try:
+        assert "Data and pipelines are up to date" in run(dvc + ["repro"], work, env)
+
+        # A qa param re-runs qa (and, as its output changes, what follows), not ingest, base_model or chunk. A dry
+        # run says which stages DVC finds changed without running them (a real rerun would train again).
+        committed = (work / "params.yaml").read_text()
+        params = yaml.safe_load(committed)
+        params["qa"]["min_answer_chars"] = 60  # drops short answers: the QA dataset changes
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        second = run(dvc + ["repro", "--dry"], work, env)
+        (work / "params.yaml").write_text(committed)
+        ran = {s for s in ("ingest", "base_model", "chunk", "qa", "split", "train", "evaluate")
+               if f"Running stage '{s}'" in second}
+        assert ran == {"qa"}, second[-2000:]
+        downstream = run(dvc + ["dag", "--dot"], work, env)
+        assert all(f'"{a}" -> "{b}"' in downstream
+                   for a, b in (("qa", "split"), ("split", "train"), ("train", "evaluate")))
+
+        # A new PDF: DVC re-runs ingest, and the stage extracts only that PDF (the rest come from Prefect's cache).
+        pdfs = work / "data" / "sample" / "pdfs"
+        n = len(list(pdfs.glob("*.pdf")))
+        doc = pymupdf.open()
+        page = doc.new_page()
+        for i, line in enumerate(["A New Paper on Caching", "Abstract",
+                                  "Caches keyed by the content of a file never go stale, whatever the file is called.",
+                                  "A renamed file is the same paper and comes from the cache; an edited one is a new",
+                                  "paper, and only it is extracted, chunked and turned into questions again. This",
+                                  "page is long enough for ingest to keep it as a document of its own."]):
+            page.insert_text((72, 80 + 16 * i), line, fontsize=11)
+        doc.save(pdfs / "new-paper.pdf")
+        third = run(dvc + ["repro", "chunk"], work, env)
+        assert f"ingest: 1 computed, {n} from cache" in third
+        assert f"chunk: 1 computed, {n} from cache" in third
+        assert "metrics" in run(dvc + ["metrics", "show"], work, env)
+
+        # The champion answers over HTTP (the server started above loaded it meanwhile).
         wait_http(f"http://127.0.0.1:{port}/ping", 180, server)
         question = json.dumps({"inputs": ["What does LoRA freeze during fine-tuning?"]}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=question,
