@@ -17,7 +17,7 @@ import csv
 import io
 import json
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -52,26 +52,30 @@ def question_text(row: dict, mode: str, template: str) -> str:
 _NOT_KEYS = CACHE["cache_policy"] - "adapter_hash" - "adapter_dir" - "base_dir"  # which files: not what they hold
 
 
+@contextmanager
+def loaded(model: str, adapter_hash: str, adapter_dir: str, base_dir: str):
+    """(model, tokenizer) as `model` ("base": the adapter disabled, or "finetuned"), held alone: disable_adapter()
+    flips the shared copy's state, so one batch at a time per loaded model."""
+    peft_model, tokenizer, _, lock = load_finetuned(adapter_dir, base_dir, adapter_hash)
+    with lock, (peft_model.disable_adapter() if model == "base" else nullcontext()):
+        yield peft_model, tokenizer
+
+
 @task(**{**CACHE, "cache_policy": _NOT_KEYS}, name="evaluate-batch")
 def answer_batch(prompts: list[str], model: str, model_hash: str, max_new_tokens: int, adapter_hash: str,
                  adapter_dir: str, base_dir: str) -> list[str]:
     """One model's greedy answers to a batch of prompts. Keyed on the prompts, the model ("base" or "finetuned") and
     its content: base answers are shared by every adapter trained on the same quantised base."""
-    peft_model, tokenizer, _, lock = load_finetuned(adapter_dir, base_dir, adapter_hash)
-    with lock:  # disable_adapter() flips shared state: one generation at a time per loaded model
-        with peft_model.disable_adapter() if model == "base" else nullcontext():
-            return generate(peft_model, tokenizer, prompts, max_new_tokens, len(prompts))
+    with loaded(model, adapter_hash, adapter_dir, base_dir) as (peft_model, tokenizer):
+        return generate(peft_model, tokenizer, prompts, max_new_tokens, len(prompts))
 
 
 @task(**{**CACHE, "cache_policy": _NOT_KEYS}, name="evaluate-choices")
 def choice_batch(items: list[tuple[str, list[str]]], model: str, model_hash: str, batch_size: int, adapter_hash: str,
                  adapter_dir: str, base_dir: str) -> list[list[float]]:
     """One model's length-normalised log-likelihood of each option of a batch of multiple-choice items."""
-    peft_model, tokenizer, _, lock = load_finetuned(adapter_dir, base_dir, adapter_hash)
-    prompts, options = [p for p, _ in items], [o for _, o in items]
-    with lock:
-        with peft_model.disable_adapter() if model == "base" else nullcontext():
-            return option_scores(peft_model, tokenizer, prompts, options, batch_size)
+    with loaded(model, adapter_hash, adapter_dir, base_dir) as (peft_model, tokenizer):
+        return option_scores(peft_model, tokenizer, [p for p, _ in items], [o for _, o in items], batch_size)
 
 
 def model_hashes(paths: Paths, meta: dict) -> dict[str, str]:
@@ -129,8 +133,7 @@ def multiple_choice(rows: list[dict], evaluate: EvaluateParams, paths: Paths, me
     out = {}
     for model in ("base", "finetuned"):
         results = map_cached(choice_batch, batches, model, hashes[model], evaluate.batch_size, hashes["finetuned"],
-                             str(paths.adapter),
-                             str(paths.base_model), desc=f"multiple choice {model}")
+                             str(paths.adapter), str(paths.base_model), desc=f"multiple choice {model}")
         correct = np.array([float(chosen(s) == it["answer"]) for it, s in
                             zip(items, (s for batch in results for s in batch))])
         kinds: dict[str, list[float]] = {}
@@ -385,10 +388,10 @@ def score_champion(client, cfg: MLflowParams, evaluate: EvaluateParams, paths: P
 
 def run(evaluate: EvaluateParams, qa: QAParams, mlflow: MLflowParams, paths: Paths) -> dict:
     """The recipe: questions → answers from both models → judge ratings (if enabled) → scores → files → MLflow."""
-    meta = adapter_meta(paths.adapter)
-    answered = answer_sets(eval_sets(evaluate, paths), evaluate, paths, meta)
+    meta, sets = adapter_meta(paths.adapter), eval_sets(evaluate, paths)
+    answered = answer_sets(sets, evaluate, paths, meta)
     judge_answers(answered, evaluate, qa, paths)
-    choice = multiple_choice(eval_sets(evaluate, paths)[HELD_OUT], evaluate, paths, meta)
+    choice = multiple_choice(sets[HELD_OUT], evaluate, paths, meta)
     flat, predictions = score(answered, evaluate)
     report = write_evaluation(paths, flat, choice, predictions, documents_read(meta, paths))
     log_evaluation(mlflow, evaluate, flat, choice, paths)
