@@ -19,7 +19,8 @@ import torch  # noqa: E402
 
 from tasks.adapter import build_prompt, generate, load_finetuned  # noqa: E402
 from tasks.evaluate import by_length  # noqa: E402
-from tasks.common import dir_hash, read_jsonl  # noqa: E402
+from tasks.files import read_jsonl
+from tasks.hashing import dir_hash  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 
 

@@ -28,7 +28,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the figures, not a 
 import pymupdf  # noqa: E402
 
 from tasks import ingest  # noqa: E402
-from tasks.common import sha256_file  # noqa: E402
+from tasks.hashing import sha256_file  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 
 
@@ -77,12 +77,13 @@ def timed(fn, *args) -> tuple[int, float]:
 def through_flow(params, out: Path) -> tuple[int, float]:
     from prefect import flow
 
-    from tasks.common import call_stage, task_runner
+    from tasks.runner import call, task_runner
+    from tasks.stages import stage as declared
 
     paths = params.paths.model_copy(update={"documents": out / "documents.jsonl", "ingest_report": out / "ingest.json"})
     params = params.model_copy(update={"paths": paths})
     flow(name="bench-warmup")(lambda: None)()  # starts the temporary Prefect server outside the timing
-    stage = flow(name="bench-ingest", task_runner=task_runner(params.runner))(lambda: call_stage(ingest.run, params))
+    stage = flow(name="bench-ingest", task_runner=task_runner(params.runner))(lambda: call(declared("ingest"), params))
     t = time.perf_counter()
     docs = stage()
     return sum(d["page_count"] for d in docs), time.perf_counter() - t

@@ -34,7 +34,7 @@ import pymupdf  # noqa: E402
 
 from tasks.base_model import build_tokenizer  # noqa: E402
 from tasks.chunk import chunk_pieces, pieces  # noqa: E402
-from tasks.common import content_hash, sha256_file  # noqa: E402
+from tasks.hashing import content_hash, sha256_file  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 from tasks.pdf.extract import extract  # noqa: E402
 from tasks.qa import qa_document, select  # noqa: E402

@@ -36,7 +36,9 @@ import sys, time
 sys.path.insert(0, {root!r})
 from prefect import flow
 from tasks import base_model, chunk, ingest, qa
-from tasks.common import call_stage, read_json, task_runner
+from tasks.files import read_json
+from tasks.runner import call, task_runner
+from tasks.stages import stage
 from tasks.params import Params, load_params
 from pathlib import Path
 raw = load_params({params!r}).model_dump()
@@ -49,7 +51,7 @@ if not p.paths.base_model.exists():
     base_model.run(p.model, p.paths)  # built once per size, outside the timed part (it does not depend on the PDFs)
 start = time.perf_counter()
 flow(name="scale", task_runner=task_runner(p.runner), persist_result=False)(
-    lambda: [call_stage(m.run, p) for m in (ingest, chunk, qa)])()
+    lambda: [call(stage(name), p) for name in ("ingest", "chunk", "qa")])()
 seconds = time.perf_counter() - start
 report = read_json(p.paths.ingest_report)
 pages = sum(f["pages"] or 0 for f in report["files"])

@@ -45,7 +45,8 @@ def main() -> None:
 
     from tasks import base_model, tracking
     from tasks.adapter import META
-    from tasks.common import dir_hash, write_json
+    from tasks.files import write_json
+    from tasks.hashing import dir_hash
     from tasks.mlflow_model import log_adapter_model
     from tasks.params import flatten
 

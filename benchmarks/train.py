@@ -111,7 +111,7 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
     # embedding and head (a trained 152k-vocab head would dominate both runs), gradient checkpointing.
     cfg = p.train.model_copy(update={"quantization": quantization, "compute_dtype": "bfloat16", "lora_r": 16,
                                      "lora_alpha": 32, "modules_to_save": [], "gradient_checkpointing": True})
-    import bitsandbytes, peft, transformers  # noqa: F401  (lora_model imports them: count them before the model)
+    import bitsandbytes, peft, transformers  # noqa: F401, I001  (lora_model imports them: count them before the model)
 
     imports = status_mb(os.getpid(), "VmRSS")  # the interpreter with torch, transformers, peft, bitsandbytes
     torch.manual_seed(0)

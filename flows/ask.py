@@ -15,7 +15,8 @@ import argparse
 import sys
 
 from tasks.adapter import build_prompt, generate, load_finetuned
-from tasks.common import PipelineError, dir_hash
+from tasks.hashing import dir_hash
+from tasks.log import PipelineError
 from tasks.params import load_params
 
 

@@ -1,35 +1,31 @@
-"""The papertune pipeline: PDFs → documents → base model → chunks → QA pairs → split → QLoRA adapter → ROUGE.
+"""The papertune pipeline: PDFs → documents → base model → chunks → QA pairs → split → QLoRA adapter → scores.
 
 Run:  python -m flows.pipeline [--params params.yaml]     (or `dvc repro`, which runs the same stages one by one)
 Deployed: prefect.yaml (`prefect deploy`), or `make serve` for the same cron schedule without a work pool.
 
-This file only wires stages; each stage's logic, caching and outputs live in tasks/<stage>.py.
+This file only wires: it walks the stages tasks/stages.py declares, in order, each called with its declared params
+sections and paths; each stage's logic, caching and outputs live in tasks/<stage>.py.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import flow
 
-from tasks import base_model, chunk, evaluate, export, ingest, qa, split, train
-from tasks.common import (PipelineError, check_prefect_db, project_lock, remove_stale_temporaries, shown,
-                          skip_final_collection, task_runner)
+from tasks.log import PipelineError
 from tasks.params import Params, ParamsError, load_params
-from tasks.prefect_server import local_server
+from tasks.runner import call, entered, main, project_lock, remove_stale_temporaries, task_runner
+from tasks.stages import STAGES
 
 
 @flow(name="papertune-stages")
 def stages(p: Params) -> dict:
-    ingest.run(p.ingest, p.paths)
-    base_model.run(p.model, p.paths)
-    chunk.run(p.chunk, p.paths)
-    qa.run(p.qa, p.paths)
-    split.run(p.split, p.paths)
-    export.run(p.export, p.qa, p.paths)
-    train.run(p.train, p.mlflow, p.paths, record=p)
-    return evaluate.run(p.evaluate, p.qa, p.mlflow, p.paths)
+    """Every stage in order; the result is the last one's (evaluate's scores)."""
+    result = None
+    for stage in STAGES:
+        result = call(stage, p)
+    return result
 
 
 @flow(name="papertune")
@@ -54,13 +50,11 @@ if __name__ == "__main__":
     args.add_argument("--params", default="params.yaml")
     params_file = args.parse_args().params
     params = load_params(params_file)  # a bad params file stops here, before any work
-    try:
-        # Lock and check before Prefect starts its temporary server: a busy project or a corrupt database fails
-        # in a second, in one line (the flow takes the same lock again, re-entrantly, when a deployment runs it).
-        with project_lock(params.paths.lock):
-            check_prefect_db()
-            with local_server():  # dies with this process, whatever signal ends it
-                pipeline(params_file)
-    except PipelineError as e:
-        sys.exit(f"error: {shown(e)}")
-    skip_final_collection()
+
+    def run() -> None:
+        # Lock and check before Prefect starts its server: a busy project or a corrupt database fails in a second,
+        # in one line (the flow takes the same lock again, re-entrantly, as it does when a deployment runs it).
+        with entered(params.paths):
+            pipeline(params_file)
+
+    main(run)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from tasks.common import read_json
+from tasks.files import read_json
 from tasks.params import params_arg
 
 READ = "read_documents"  # tasks.evaluate.READ (not imported: the report must not pay evaluate's imports)

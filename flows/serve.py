@@ -15,15 +15,13 @@ import asyncio
 import contextvars
 import multiprocessing
 import signal
-import sys
 import threading
 from pathlib import Path
 
 import yaml
 
 from flows.pipeline import pipeline
-from tasks.common import PipelineError, check_prefect_db, shown
-from tasks.prefect_server import local_server
+from tasks.runner import entered, main
 
 
 def nightly(prefect_yaml: str | Path = "prefect.yaml") -> dict:
@@ -41,8 +39,9 @@ def serve(interval_s: float | None = None) -> None:
     d = nightly()
     cron = d["schedules"][0]
     schedule = Interval(interval_s) if interval_s else Cron(cron["cron"], timezone=cron.get("timezone"))
-    check_prefect_db()  # a corrupt database would make the server exit: say which file, and what to do
-    with local_server(services=True) as api:
+    # The entry path every run takes (database check, server), with the scheduler so cron creates runs; not the
+    # project lock: each scheduled run takes it (the flow does), and `make run` may run between them.
+    with entered(None, services=True) as api:
         runner = Runner(name=d["name"], pause_on_shutdown=False, limit=1)  # one pipeline at a time (project lock)
         runner.add_flow(pipeline, name=d["name"], schedules=[schedule], parameters=d["parameters"],
                         description=d["description"])
@@ -67,10 +66,12 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-if __name__ == "__main__":
+def _serve_until_stopped() -> None:
     try:
         serve()
-    except PipelineError as e:
-        sys.exit(f"error: {shown(e)}")
     except KeyboardInterrupt:
         pass
+
+
+if __name__ == "__main__":
+    main(_serve_until_stopped)

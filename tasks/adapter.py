@@ -18,7 +18,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tasks.common import PipelineError, bare_section, read_json
+from tasks.files import read_json
+from tasks.log import PipelineError
+from tasks.text import bare_section
 
 META = "papertune.json"  # how the adapter was made and how to prompt it (written by train, read by everyone else)
 

@@ -27,9 +27,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tasks.common import (PipelineError, atomic_dir, code_hash, content_hash, dir_hash, logger, read_json, run_stage,
-                          sha256_bytes, write_json)
+from tasks.files import atomic_dir, read_json, write_json
+from tasks.hashing import code_hash, content_hash, dir_hash, sha256_bytes
+from tasks.log import PipelineError, logger
 from tasks.params import ModelParams, Paths
+from tasks.runner import run_stage
 
 TINY = "builtin:tiny-llama"
 DESCRIPTOR = "base_model.json"

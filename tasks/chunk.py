@@ -13,23 +13,17 @@ content, the tokenizer's hash and the chunk params, so adding a PDF chunks only 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from prefect import task
 
 from tasks.base_model import describe, load_backend_tokenizer
-from tasks.common import CACHE, content_hash, iter_jsonl, map_cached_iter, run_stage, write_jsonl
+from tasks.cache import CACHE, map_cached_iter
+from tasks.files import iter_jsonl, write_jsonl
+from tasks.hashing import content_hash
 from tasks.params import ChunkParams, Paths
-
-# A sentence ends at . ! ? followed by a space and a capital/digit/bracket; common abbreviations do not end one
-# (each look-behind ends with the abbreviation's dot: it is tested where the space begins).
-_SENTENCE_END = re.compile(r"(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\bet al\.)(?<!\bvs\.)(?<!\bFig\.)(?<!\bEq\.)(?<=[.!?])\s+"
-                           r"(?=[A-Z0-9(\[])")
-
-
-def split_sentences(text: str) -> list[str]:
-    return [s for s in _SENTENCE_END.split(text.strip()) if s]
+from tasks.runner import run_stage
+from tasks.text import split_sentences
 
 
 @dataclass

@@ -25,14 +25,29 @@ from prefect import task
 
 from tasks.adapter import adapter_meta, build_prompt, generate, load_finetuned
 from tasks.base_model import load_tokenizer
-from tasks.common import (CACHE, PipelineError, atomic_write, content_hash, dir_hash, logger, map_cached, read_jsonl,
-                          run_stage, write_json, write_jsonl)
+from tasks.cache import CACHE, map_cached
+from tasks.files import atomic_write, read_jsonl, write_json, write_jsonl
+from tasks.hashing import content_hash, dir_hash
+from tasks.log import PipelineError, logger
 from tasks.multiple_choice import build_items, chosen, option_scores
 from tasks.params import EvaluateParams, MLflowParams, Paths, QAParams
+from tasks.runner import run_stage
 from tasks.scores import CI_METRICS, METRICS, by_kind, ci95, per_answer, summarise
 from tasks.teacher import complete, endpoint, strip_fence
-from tasks.tracking import (ADAPTER_HASH, champion, find_training_run, fmt, log_dataset, md5_file, model_id_of,
-                            open_store, promote, score_tag, start_run, version_of)
+from tasks.tracking import (
+    ADAPTER_HASH,
+    champion,
+    find_training_run,
+    fmt,
+    log_dataset,
+    md5_file,
+    model_id_of,
+    open_store,
+    promote,
+    score_tag,
+    start_run,
+    version_of,
+)
 
 PLOTTED = [*METRICS, "f1", "exact_match"]  # the bars of rouge.png and the columns of the DVC plot CSV
 HELD_OUT = "heldout"

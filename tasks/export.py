@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.common import atomic_dir, logger, read_json, read_jsonl, run_stage
+from tasks.files import atomic_dir, read_json, read_jsonl
+from tasks.log import logger
 from tasks.params import ExportParams, Paths, QAParams
+from tasks.runner import run_stage
 
 METADATA = ("pair_id", "kind", "doc_id", "title", "section", "page_start", "page_end", "grounding")
 

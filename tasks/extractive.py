@@ -20,8 +20,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from tasks.chunk import split_sentences
-from tasks.common import bare_section
+from tasks.text import bare_section, split_sentences
 
 # Words that open sentences but never name a method, model or dataset.
 _NOT_NAMES = set("""A An The This That These Those It Its They Their Them There Here We Our Us You Your He She His Her

@@ -20,11 +20,14 @@ from pathlib import Path
 import pymupdf
 from prefect import task
 
-from tasks.common import (CACHE, PipelineError, logger, map_cached_iter, run_stage, sha256_file, write_json,
-                          write_jsonl)
+from tasks.cache import CACHE, map_cached_iter
+from tasks.files import write_json, write_jsonl
+from tasks.hashing import sha256_file
+from tasks.log import PipelineError, logger
 from tasks.params import IngestParams, Paths
 from tasks.pdf.extract import extract
 from tasks.pdf.layout import clean
+from tasks.runner import run_stage
 
 # Corrupt files are expected input and get a line in the ingest report; MuPDF's own stderr messages are noise.
 pymupdf.TOOLS.mupdf_display_errors(False)
@@ -74,7 +77,7 @@ def run(ingest: IngestParams, paths: Paths) -> int:
         what = "no .pdf files in it" if root.is_dir() else "the folder does not exist"
         raise PipelineError(f"no document could be ingested from {root}: {what}")
     # A record names the file as it is on disk, control characters too (`a\n.pdf` and `a\t.pdf` are two files);
-    # log lines show them escaped (common.shown, applied to every pipeline log line).
+    # log lines show them escaped (log.shown, applied to every pipeline log line).
     names = sorted((p.relative_to(root).as_posix(), p) for p in files)
     hashes = [sha256_file(p) for _, p in names]
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
-from tasks.common import PipelineError, dir_hash
+from tasks.hashing import dir_hash
+from tasks.log import PipelineError
 
 # Logged explicitly: inferring them would load the model in a subprocess at every training.
 REQUIREMENTS = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers", "safetensors",

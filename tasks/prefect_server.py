@@ -32,6 +32,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.files import sqlite_problem
+from tasks.log import PipelineError, shown
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -158,14 +161,27 @@ def _migrates_new_database(db: Path | None) -> bool:
     return db is not None and not db.exists() and not migrated_template().is_file()
 
 
-def _database_ok(db: Path) -> bool:
-    import sqlite3
+def check_database(db: str | Path | None = None) -> None:
+    """Fail in one line on a corrupt local Prefect database (`db`, by default the one the server would open), before
+    a server starts on it (which otherwise hangs for a minute, then prints a long traceback). A configured server
+    owns its database: nothing to check then."""
+    if db is None:
+        if "prefect" in sys.modules:  # already paid for: ask Prefect's settings (a test may change them in-process)
+            from prefect.settings import get_current_settings
 
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
-            return con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-    except sqlite3.DatabaseError:
-        return False
+            settings = get_current_settings()
+            url = settings.server.database.connection_url.get_secret_value()
+            if settings.api.url:
+                return
+            db = url.split(":///", 1)[-1] if url.startswith("sqlite") else None
+        elif configured_api_url():
+            return
+        else:
+            db = _database_path()
+    db = Path(db) if db else None
+    if db is not None and db.is_file() and (problem := sqlite_problem(db)):  # a missing one is created on first use
+        raise PipelineError(f"{shown(db)} is corrupt ({shown(problem)}): it holds only Prefect's run history; delete "
+                            f"it (rm {shown(db)}*) and rerun; the cached results are kept")
 
 
 def free_port() -> int:
@@ -223,9 +239,7 @@ def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None
 
 
 def _error(message: str) -> Exception:
-    from tasks.common import PipelineError  # the user's to fix: one line, not a traceback
-
-    return PipelineError(message)
+    return PipelineError(message)  # the user's to fix: one line, not a traceback
 
 
 def stop_server(server: Server, grace: float = 3.0) -> None:
@@ -295,13 +309,10 @@ def main(argv: list[str]) -> int:
         sys.exit("usage: python -m tasks.prefect_server COMMAND [ARGS...]   e.g. dvc repro")
     if configured_api_url():
         return subprocess.call(argv)
-    if (db := _local_database()) and not _database_ok(db):  # fail in one line, not stages waiting on a dead server
-        from tasks.common import PipelineError, check_prefect_db
-
-        try:
-            check_prefect_db(db)
-        except PipelineError as e:
-            sys.exit(f"error: {e}")
+    try:
+        check_database()  # fail in one line, not stages waiting on a dead server
+    except PipelineError as e:
+        sys.exit(f"error: {e}")
     log = tempfile.NamedTemporaryFile(prefix="papertune-prefect-server-", suffix=".log", delete=False)
     db = _database_path()
     new = _migrates_new_database(db)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from prefect import task
 
-from tasks.common import PipelineError, content_hash, logger, read_jsonl, run_stage, write_json, write_jsonl
+from tasks.dedup import NearDuplicates, minhash, question_key
+from tasks.files import read_jsonl, write_json, write_jsonl
+from tasks.hashing import content_hash
+from tasks.log import PipelineError, logger
 from tasks.params import Paths, SplitParams
-from tasks.qa import NearDuplicates, minhash, question_key
+from tasks.runner import run_stage
 
 
 def side_score(doc_id: str, seed: int) -> float:

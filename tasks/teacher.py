@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from tasks.common import PipelineError, atomic_write, content_hash, logger
+from tasks.files import atomic_write
+from tasks.hashing import content_hash
+from tasks.log import PipelineError, logger
 from tasks.params import HFParams, OpenAIParams, QAParams
 
 

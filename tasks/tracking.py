@@ -29,7 +29,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.common import PipelineError, logger
+from tasks.files import sqlite_problem
+from tasks.log import PipelineError, logger
 from tasks.params import MLflowParams
 
 KIND = "papertune.kind"  # train | train-skipped | evaluate
@@ -57,15 +58,8 @@ def check_store(uri: str) -> None:
     db = sqlite_file(uri)
     if db is None or not db.exists() or db.stat().st_size == 0:  # an empty file is a new store to MLflow
         return
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-            ok = con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-    except sqlite3.DatabaseError as e:
-        ok, why = False, str(e)
-    else:
-        why = "quick_check failed"
-    if not ok:
-        raise PipelineError(f"MLflow store {db} is corrupt ({why}): move it away (mv {db} {db}.corrupt) to start "
+    if problem := sqlite_problem(db):
+        raise PipelineError(f"MLflow store {db} is corrupt ({problem}): move it away (mv {db} {db}.corrupt) to start "
                             "a new store, or point MLFLOW_TRACKING_URI at another one")
 
 

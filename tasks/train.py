@@ -36,10 +36,12 @@ from prefect import task
 
 from tasks.adapter import META, build_prompt, reading_prompt
 from tasks.base_model import describe, load_model, load_tokenizer
-from tasks.chunk import split_sentences
-from tasks.common import (PipelineError, atomic_dir, atomic_write, code_hash, content_hash, dir_hash, follow_umask,
-                          logger, read_json, read_jsonl, run_stage, sha256_file, write_json)
+from tasks.files import atomic_dir, atomic_write, follow_umask, read_json, read_jsonl, write_json
+from tasks.hashing import code_hash, content_hash, dir_hash, sha256_file
+from tasks.log import PipelineError, logger
 from tasks.params import MLflowParams, Params, Paths, TrainParams, flatten
+from tasks.runner import run_stage
+from tasks.text import split_sentences
 from tasks.tracking import ADAPTER_HASH, find_training_run, log_dataset, register, start_run
 
 # torch, peft, datasets, transformers' Trainer, tasks.loss and the MLflow model flavour are imported inside the

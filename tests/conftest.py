@@ -117,13 +117,12 @@ DATA_STAGES = ("ingest", "base_model", "chunk", "qa", "split")
 
 def data_half(p: Params, through: str = "split") -> Params:
     """The stages from ingest through `through`, in one Prefect flow on the task runner chosen in `p.runner`."""
-    import importlib
-
-    from tasks.common import call_stage, task_runner
+    from tasks.runner import call, task_runner
+    from tasks.stages import stage
 
     def stages() -> None:
         for name in DATA_STAGES[: DATA_STAGES.index(through) + 1]:
-            call_stage(importlib.import_module(f"tasks.{name}").run, p)
+            call(stage(name), p)
 
     flow(name="test-data-half", task_runner=task_runner(p.runner))(stages)()
     return p

@@ -4,7 +4,7 @@ tests/test_mlflow_runs.py (what the store holds) and tests/test_mlflow_ui.py (wh
 
 import pytest
 
-from tasks import evaluate, train, tracking
+from tasks import evaluate, tracking, train
 from tests.conftest import data_half, in_flow, make_params
 
 FAST = dict(max_steps=8, logging_steps=4, eval_steps=4, save_steps=4, per_device_train_batch_size=4)

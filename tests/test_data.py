@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from tasks import base_model, chunk, export, extractive, ingest, qa, split
-from tasks.common import PipelineError, read_json, read_jsonl
+from tasks.files import read_json, read_jsonl
+from tasks.log import PipelineError
 from tests.conftest import SAMPLE_PDFS, data_half, in_flow, make_params
 
 

@@ -1,8 +1,8 @@
 """The fault suite: stale caches, lost outputs, unclear errors and stray processes (issue 11), each reproduced
 and checked for the fixed behaviour: what is kept, the one-line message, what process remains."""
 
-import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -16,10 +16,14 @@ import pytest
 import yaml
 from prefect import flow, task
 
-from tasks import common
-from tasks.common import (CACHE, PipelineError, atomic_dir, atomic_write, check_prefect_db, dvc_code_deps,
-                          module_files, project_lock, project_modules, read_jsonl, shown, source_hash)
+from tasks import cache, files, log, runner
+from tasks.cache import CACHE
+from tasks.files import atomic_dir, atomic_write, read_jsonl
+from tasks.hashing import module_files, project_modules, source_hash
+from tasks.log import PipelineError, shown
 from tasks.params import load_params
+from tasks.prefect_server import check_database
+from tasks.runner import project_lock
 from tests.conftest import ROOT, make_params, prefect_home, write_params
 
 BIN = Path(sys.executable).parent
@@ -32,22 +36,27 @@ def test_code_hash_follows_every_project_import(tmp_path):
     pkg = tmp_path / "tasks"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "stage.py").write_text("import json\n\ndef run():\n    from tasks.helper import f  # lazy\n    return f()\n")
+    (pkg / "stage.py").write_text("import json\nfrom tasks.log import logger\n\n"
+                                  "def run():\n    from tasks.helper import f  # lazy\n    return f()\n")
     (pkg / "helper.py").write_text("from . import deep\n\ndef f():\n    return deep.x\n")
     (pkg / "deep.py").write_text("x = 1\n")
     (pkg / "other.py").write_text("y = 2\n")
-    assert project_modules("tasks.stage", tmp_path) == ["tasks", "tasks.deep", "tasks.helper", "tasks.stage"]
+    (pkg / "log.py").write_text("from tasks import other\n")  # infrastructure: neither listed nor followed
+    assert project_modules("tasks.stage", tmp_path) == ["tasks.deep", "tasks.helper", "tasks.stage"]
 
     before = source_hash("tasks.stage", tmp_path)
     (pkg / "other.py").write_text("y = 3\n")  # not imported: same key
+    assert source_hash("tasks.stage", tmp_path) == before
+    (pkg / "log.py").write_text("# a new log line\nfrom tasks import other\n")  # logging computes no result
+    (pkg / "__init__.py").write_text("import logging\n")
     assert source_hash("tasks.stage", tmp_path) == before
     (pkg / "deep.py").write_text("x = 2\n")  # imported two levels down, through a lazy and a relative import
     assert source_hash("tasks.stage", tmp_path) != before
 
     # The cases of the issue: qa uses chunk's sentence splitter; evaluate builds prompts with the adapter module.
-    assert "tasks/chunk.py" in module_files("tasks.qa")
+    assert "tasks/text.py" in module_files("tasks.qa")
     assert {"tasks/adapter.py", "tasks/base_model.py"} <= set(module_files("tasks.evaluate"))
-    assert "tasks/params.py" in module_files("tasks.base_model") and "tasks/common.py" in module_files("tasks.split")
+    assert "tasks/params.py" in module_files("tasks.base_model") and "tasks/files.py" in module_files("tasks.split")
 
 
 @task(**CACHE)
@@ -63,14 +72,14 @@ def test_prefect_cache_key_includes_the_imported_code(fresh_cache, monkeypatch):
     assert twice() == ["Completed", "Cached"]
     assert twice() == ["Cached", "Cached"]
     # Any edit to a module the task's module imports changes code_hash, hence the key.
-    monkeypatch.setattr(common, "code_hash", lambda name: "edited " + name)
+    monkeypatch.setattr(cache, "code_hash", lambda name: "edited " + name)
     assert twice() == ["Completed", "Cached"]
 
     # Run as `python -m tasks.chunk`, a stage's tasks live in __main__: the key still uses the stage's module.
     from tasks import chunk
 
     tasks_in_chunk = [v for v in vars(chunk).values() if hasattr(v, "fn") and hasattr(v, "cache_policy")]
-    assert tasks_in_chunk and {common._module_name(t.fn) for t in tasks_in_chunk} == {"tasks.chunk"}
+    assert tasks_in_chunk and {cache._module_name(t.fn) for t in tasks_in_chunk} == {"tasks.chunk"}
 
 
 @task(**CACHE, name="word-set")
@@ -81,7 +90,7 @@ def _word_set(text: str) -> set[str]:
 def test_a_result_the_cache_cannot_hold_is_named_not_silently_recomputed(fresh_cache, caplog):
     @flow
     def words() -> list[set[str]]:
-        return list(common.map_cached_iter(_word_set, ["a b", "c"], desc="words"))
+        return list(cache.map_cached_iter(_word_set, ["a b", "c"], desc="words"))
 
     with caplog.at_level("INFO"):
         assert words() == words() == [{"a", "b"}, {"c"}]  # right both times, computed both times
@@ -102,12 +111,12 @@ def test_training_key_covers_base_model_content_and_code(tmp_path, monkeypatch):
 
     p = make_params(tmp_path, train={"min_changed_fraction": 1.0})  # data-wise, any change would be skipped
     _build_base(p, seed=0)
-    common.write_json(p.paths.split_report, {"train_hash": "t", "eval_hash": "e"})
+    files.write_json(p.paths.split_report, {"train_hash": "t", "eval_hash": "e"})
     chunks = [{"chunk_id": f"c{i}", "doc_id": "d", "title": "LoRA", "section": "Method", "text": f"Text {i}."}
               for i in range(2)]
-    common.write_jsonl(p.paths.chunks, chunks)
+    files.write_jsonl(p.paths.chunks, chunks)
     key = run_key(p.train, p.paths)
-    common.write_json(p.paths.adapter / META, {
+    files.write_json(p.paths.adapter / META, {
         "run_key": key["key"], "base_model": key["base_model"], "train_params": p.train.model_dump(mode="json"),
         "code_hash": key["code_hash"], "train_pair_ids": ["a", "b"]})
     assert skip_reason(p.train, p.paths, key, ["a", "b"]).startswith("QA dataset and training params unchanged")
@@ -115,21 +124,21 @@ def test_training_key_covers_base_model_content_and_code(tmp_path, monkeypatch):
     # Training reads the documents' text (train.read_documents: all): one edited chunk, same QA pairs, retrains
     # (at the default threshold: any change of the training data).
     assert p.train.read_documents == "all"
-    common.write_jsonl(p.paths.chunks, [chunks[0], {**chunks[1], "text": "Text 1, corrected."}])
+    files.write_jsonl(p.paths.chunks, [chunks[0], {**chunks[1], "text": "Text 1, corrected."}])
     reread = run_key(p.train, p.paths)
     assert reread["key"] != key["key"]
     for threshold, decision in ((0.0, None), (0.5, "only 40.0% of the training data changed")):  # 2 of 5 ids
         cfg = p.train.model_copy(update={"min_changed_fraction": threshold})
-        common.write_jsonl(p.paths.chunks, chunks)
-        common.write_json(p.paths.adapter / META, {
+        files.write_jsonl(p.paths.chunks, chunks)
+        files.write_json(p.paths.adapter / META, {
             "run_key": key["key"], "base_model": key["base_model"], "train_params": cfg.model_dump(mode="json"),
             "code_hash": key["code_hash"], "train_pair_ids": ["a", "b"],
             "read_chunk_ids": read_chunk_ids(cfg, p.paths)})
-        common.write_jsonl(p.paths.chunks, [chunks[0], {**chunks[1], "text": "Text 1, corrected."}])
+        files.write_jsonl(p.paths.chunks, [chunks[0], {**chunks[1], "text": "Text 1, corrected."}])
         reason = skip_reason(cfg, p.paths, reread, ["a", "b", *read_chunk_ids(cfg, p.paths)])
         assert reason == decision or reason.startswith(decision), (threshold, reason)
-    common.write_jsonl(p.paths.chunks, chunks)
-    common.write_json(p.paths.adapter / META, {
+    files.write_jsonl(p.paths.chunks, chunks)
+    files.write_json(p.paths.adapter / META, {
         "run_key": key["key"], "base_model": key["base_model"], "train_params": p.train.model_dump(mode="json"),
         "code_hash": key["code_hash"], "train_pair_ids": ["a", "b"],
         "read_chunk_ids": read_chunk_ids(p.train, p.paths)})
@@ -145,42 +154,41 @@ def test_training_key_covers_base_model_content_and_code(tmp_path, monkeypatch):
     assert edited["key"] != key["key"] and skip_reason(p.train, p.paths, edited, ["a", "b"]) is None
 
 
-def test_dvc_yaml_declares_exactly_the_code_each_stage_imports():
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name, code in dvc_code_deps().items():
-        declared = {d for d in stages[name]["deps"] if d.endswith(".py")}
-        assert declared == set(code), f"dvc.yaml stage {name}: print the right list with python -m tasks.common --dvc-deps"
-        assert "tasks/params.py" in declared
+def test_dvc_yaml_is_the_one_the_stage_declarations_make():
+    from tasks.stages import dvc_yaml
+
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(), "dvc.yaml is stale: python -m tasks.stages --write"
+    stages = yaml.safe_load(dvc_yaml())["stages"]
+    for name, stage in stages.items():
+        code = {d for d in stage["deps"] if d.endswith(".py")}
+        assert f"tasks/{name}.py" in code and "tasks/params.py" in code, name
+        # Infrastructure computes no result: editing it must not make DVC rerun anything.
+        assert not code & {"tasks/log.py", "tasks/cache.py", "tasks/runner.py", "tasks/prefect_server.py",
+                           "tasks/tracking.py", "tasks/__init__.py"}, name
         if name != "params":
-            assert "${paths.params_check}" in stages[name]["deps"], name  # a bad params file stops DVC first
-        outs = [o for kind in ("outs", "metrics", "plots") for o in stages[name].get(kind, [])]
+            assert "${paths.params_check}" in stage["deps"], name  # a bad params file stops DVC first
+        outs = [o for kind in ("outs", "metrics", "plots") for o in stage.get(kind, [])]
         # DVC deletes outputs before running a stage unless they persist; stages replace them on success.
         assert outs and all(isinstance(o, dict) and next(iter(o.values())).get("persist") for o in outs), name
-    assert "params.yaml" in stages["params"]["deps"]
-    assert "${paths.base_model}" in stages["evaluate"]["deps"]  # a rebuilt base model re-runs evaluation
+    assert "${paths.chunks}" in stages["train"]["deps"]  # training reads the documents' text
+    assert "tasks/text.py" in stages["qa"]["deps"]  # editing split_sentences recomputes QA
 
 
-def test_dvc_yaml_declares_every_path_each_stage_reads_or_writes():
-    """A file a stage's module names (paths.<field>) is its dep or its output in dvc.yaml: an undeclared input
-    (train reading paths.chunks) leaves DVC serving an adapter trained on the old text."""
-    import re
-
+def test_a_stage_reads_only_the_paths_it_declares(tmp_path):
+    """What a stage reads is what tasks/stages.py says it reads (hence dvc.yaml and the cache keys): reading another
+    path fails at once, naming the declaration to fix."""
     from tasks.params import Paths
+    from tasks.runner import call_run
+    from tasks.stages import STAGES, stage
 
-    # Never DVC's: caches and checkpoints a stage keeps for itself, plots only logged to MLflow, the lock.
-    private = {"qa_cache", "checkpoints", "plots_dir", "lock"}
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        if name == "params":
-            continue
-        source = (ROOT / "tasks" / f"{name}.py").read_text()
-        used = set(re.findall(r"\bpaths\.(\w+)", source)) & set(Paths.model_fields) - private
-        entries = [*stage["deps"], *(o for kind in ("outs", "metrics", "plots") for o in stage.get(kind, []))]
-        declared = {re.fullmatch(r"\$\{paths\.(\w+)\}", e if isinstance(e, str) else next(iter(e)))
-                    for e in entries}
-        missing = used - {m[1] for m in declared if m}
-        assert not missing, f"dvc.yaml stage {name} reads or writes undeclared paths: {sorted(missing)}"
-    assert "${paths.chunks}" in stages["train"]["deps"]
+    p = make_params(tmp_path)
+    with pytest.raises(AttributeError, match=r"stage split reads paths.adapter, which it does not declare"):
+        call_run(lambda split, paths: paths.adapter, stage("split"), p)
+    assert call_run(lambda split, paths: paths.chunks, stage("split"), p) == p.paths.chunks
+    # Statically too: every paths.<field> a stage's module names is declared (all but the lock).
+    for s in STAGES:
+        used = set(re.findall(r"\bpaths\.(\w+)", (ROOT / "tasks" / f"{s.name}.py").read_text()))
+        assert used & set(Paths.model_fields) - {"lock"} <= set(s.paths), s.name
 
 
 # ---------------------------------------------------------------------------------------------- keep good outputs
@@ -256,7 +264,7 @@ def test_writes_are_atomic_with_normal_permissions(tmp_path):
 def test_checkpoints_get_the_usual_permissions(tmp_path, monkeypatch):
     """safetensors writes 0600 files: a checkpoint's weights were readable by their owner only. A training stopped
     after its first checkpoint leaves it with the umask's modes, and its run says how the training ended."""
-    from tasks import train, tracking
+    from tasks import tracking, train
     from tests.conftest import crash_training_at, in_flow
 
     p = make_params(tmp_path, train={"max_steps": 4, "save_steps": 1, "eval_steps": 4, "logging_steps": 1,
@@ -265,23 +273,23 @@ def test_checkpoints_get_the_usual_permissions(tmp_path, monkeypatch):
         "experiment_name": "checkpoints", "artifact_location": str(tmp_path / "mlartifacts")})})
     _build_base(p, seed=0)
     text = "LoRA freezes the pretrained weights and trains two low-rank matrices per layer."
-    common.write_jsonl(p.paths.chunks, [{"chunk_id": "c", "doc_id": "d", "title": "LoRA", "section": "2 Method",
+    files.write_jsonl(p.paths.chunks, [{"chunk_id": "c", "doc_id": "d", "title": "LoRA", "section": "2 Method",
                                          "kind": "text", "text": text}])
     pairs = [{"pair_id": f"p{i}", "doc_id": "d", "chunk_id": "c", "question": f"What does LoRA freeze? ({i})",
               "answer": "The pretrained weights.", "context": text} for i in range(6)]
-    common.write_jsonl(p.paths.train_split, pairs[:4])
-    common.write_jsonl(p.paths.eval_split, pairs[4:])
-    common.write_json(p.paths.split_report, {"train_hash": "t", "eval_hash": "e"})
+    files.write_jsonl(p.paths.train_split, pairs[:4])
+    files.write_jsonl(p.paths.eval_split, pairs[4:])
+    files.write_json(p.paths.split_report, {"train_hash": "t", "eval_hash": "e"})
     crash_training_at(monkeypatch, 2)  # checkpoint-1 is saved
     with pytest.raises(RuntimeError, match="simulated crash"):
         in_flow(train.run, p.train, p.mlflow, p.paths, p)
     umask = os.umask(0o022)
     os.umask(umask)
-    files = [f for f in (p.paths.checkpoints / "checkpoint-1").rglob("*") if f.is_file()]
-    assert "adapter_model.safetensors" in {f.name for f in files}
-    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o666 & ~umask) for f in files}
+    saved = [f for f in (p.paths.checkpoints / "checkpoint-1").rglob("*") if f.is_file()]
+    assert "adapter_model.safetensors" in {f.name for f in saved}
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in saved} == {f.name: oct(0o666 & ~umask) for f in saved}
 
-    run_id = common.read_json(p.paths.checkpoints / "papertune_run.json")["mlflow_run_id"]
+    run_id = files.read_json(p.paths.checkpoints / "papertune_run.json")["mlflow_run_id"]
     _, client, _ = tracking.open_store(p.mlflow)
     run = client.get_run(run_id)
     assert (run.info.status, run.data.tags["papertune.train_decision"]) == ("FAILED", "failed: RuntimeError: simulated crash")
@@ -396,10 +404,10 @@ def test_a_new_prefect_database_starts_from_the_migrated_template_and_an_old_one
 def test_corrupt_prefect_db_is_one_line(tmp_path, monkeypatch):
     healthy = tmp_path / "healthy.db"
     sqlite3.connect(healthy).execute("create table t (x)").connection.close()
-    check_prefect_db(healthy)
+    check_database(healthy)
     for why, db in _corrupt_dbs(tmp_path).items():
         with pytest.raises(PipelineError, match=rf"{db} is corrupt \(.*{why}.*\).*delete it \(rm {db}\*\)"):
-            check_prefect_db(db)
+            check_database(db)
 
     # A stage run alone stops in a second, in one line, before Prefect starts a server on that database.
     from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL, temporary_settings
@@ -413,7 +421,7 @@ def test_corrupt_prefect_db_is_one_line(tmp_path, monkeypatch):
                              PREFECT_API_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"}):
         start = time.monotonic()
         with pytest.raises(SystemExit) as e:
-            common.run_stage(split.run, "split")
+            runner.run_stage(split.run, "split")
     assert time.monotonic() - start < 10
     assert str(e.value).startswith(f"error: split: {db} is corrupt") and "\n" not in str(e.value)
 
@@ -427,7 +435,7 @@ def test_an_evaluation_mlflow_could_not_record_fails_the_stage(tmp_path, monkeyp
     db.write_bytes(b"\x00garbage" * 1000)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     p = make_params(tmp_path)
-    common.write_jsonl(p.paths.eval_split, [{"question": "What does LoRA freeze?", "answer": "The weights."}])
+    files.write_jsonl(p.paths.eval_split, [{"question": "What does LoRA freeze?", "answer": "The weights."}])
     p.paths.adapter.mkdir(parents=True)
     with pytest.raises(PipelineError, match=rf"^scores written to {p.paths.eval_metrics}, but not logged to "
                                             rf"MLflow: MLflow store {db} is corrupt"):
@@ -438,7 +446,7 @@ def test_an_evaluation_mlflow_could_not_record_fails_the_stage(tmp_path, monkeyp
 
 
 def _hold_lock(path: Path) -> subprocess.Popen:
-    code = ("import sys, time\nfrom tasks.common import project_lock\n"
+    code = ("import sys, time\nfrom tasks.runner import project_lock\n"
             f"with project_lock({str(path)!r}):\n    print('locked', flush=True)\n    time.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
@@ -460,7 +468,7 @@ def test_one_pipeline_per_project(tmp_path, monkeypatch):
         # A stage run alone: one line, before any work.
         monkeypatch.setattr(sys, "argv", ["split", "--params", str(params)])
         with pytest.raises(SystemExit, match=f"^error: split: {busy}"):
-            common.run_stage(split.run, "split")
+            runner.run_stage(split.run, "split")
         # The flow (as a deployment runs it): fails before its first stage.
         with pytest.raises(PipelineError, match=busy):
             pipeline(str(params))
@@ -473,7 +481,7 @@ def test_one_pipeline_per_project(tmp_path, monkeypatch):
         with project_lock(p.paths.lock):  # a stage inside the flow shares its lock
             pass
         # A process the holder starts (a stage under a locked `make run`) inherits the lock.
-        code = f"from tasks.common import project_lock\nwith project_lock({str(p.paths.lock)!r}):\n    print('in')"
+        code = f"from tasks.runner import project_lock\nwith project_lock({str(p.paths.lock)!r}):\n    print('in')"
         child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert child.stdout.strip() == "in", child.stderr
     assert p.paths.lock.read_text() == ""  # released: no stale pid left behind
@@ -502,14 +510,14 @@ def test_temporaries_of_a_killed_stage_are_removed_by_its_next_run(tmp_path, mon
     holder = _hold_lock(p.paths.lock)  # another pipeline runs: its temporaries may be live
     try:
         with pytest.raises(SystemExit, match="^error: split: another papertune run"):
-            common.run_stage(split.run, "split")
+            runner.run_stage(split.run, "split")
     finally:
         holder.kill()
         holder.wait()
     assert all(f.exists() for f in [*split_own, qa_own, staging, *kept])
 
     with pytest.raises(SystemExit, match=f"^error: split: {p.paths.qa} does not exist"):
-        common.run_stage(split.run, "split")  # fails (no QA pairs), after the cleanup
+        runner.run_stage(split.run, "split")  # fails (no QA pairs), after the cleanup
     assert not any(f.exists() for f in split_own)
     assert all(f.exists() for f in [qa_own, staging, *kept])  # another stage's, or not a temporary
 
@@ -607,14 +615,14 @@ def test_log_lines_escape_control_characters(caplog):
     name = "paper\n12:00:00.000 | INFO | forged line \x1b[31mred\x1b[0m.pdf"
     assert shown(name) == "paper\\n12:00:00.000 | INFO | forged line \\x1b[31mred\\x1b[0m.pdf"
     assert shown("Éléments — “quoted”") == "Éléments — “quoted”"  # printable text is left alone
-    common.logger().warning("ingest: skipped %s", name)
+    log.logger().warning("ingest: skipped %s", name)
     message = caplog.records[-1].getMessage()
     assert message == f"ingest: skipped {shown(name)}" and "\n" not in message and "\x1b" not in message
     # The same filter guards the loggers of flow and task runs (console and the Prefect API alike).
     import logging
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):
-        assert any(isinstance(f, common._EscapeControlChars) for f in logging.getLogger(name).filters)
+        assert any(isinstance(f, log._EscapeControlChars) for f in logging.getLogger(name).filters)
 
 
 def test_file_names_differing_only_in_control_characters_are_two_files(tmp_path, fresh_cache, caplog):
@@ -633,6 +641,6 @@ def test_file_names_differing_only_in_control_characters_are_two_files(tmp_path,
         assert in_flow(ingest.run, p.ingest, p.paths) == 1
     [doc] = read_jsonl(p.paths.documents)
     assert doc["file"] == "a\t.pdf" and (pdfs / doc["file"]).is_file()
-    report = common.read_json(p.paths.ingest_report)["files"]
+    report = files.read_json(p.paths.ingest_report)["files"]
     assert [(f["file"], f["reason"]) for f in report] == [("a\t.pdf", None), ("a\n.pdf", "duplicate of a\t.pdf")]
     assert "ingest: skipped a\\n.pdf: duplicate of a\\t.pdf" in caplog.messages  # escaped: one log line

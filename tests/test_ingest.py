@@ -15,10 +15,12 @@ import yaml
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from tasks import ingest
+from tasks.files import read_json, read_jsonl
+from tasks.hashing import sha256_file
+from tasks.log import PipelineError
 from tasks.pdf import cleanup
 from tasks.pdf import text as pdf_text
 from tasks.pdf.layout import clean
-from tasks.common import PipelineError, read_json, read_jsonl, sha256_file
 from tests.conftest import ROOT, SAMPLE_PDFS, in_flow, make_params
 
 MANIFEST = json.loads((SAMPLE_PDFS.parent / "manifest.json").read_text())

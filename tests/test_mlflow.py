@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tasks import tracking
-from tasks.common import PipelineError
+from tasks.log import PipelineError
 from tests.conftest import ROOT, make_params
 
 

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks import evaluate, train, tracking
-from tasks.common import PipelineError, dir_hash, read_json
+from tasks import evaluate, tracking, train
+from tasks.files import read_json
+from tasks.hashing import dir_hash
+from tasks.log import PipelineError
 from tests import mlflow_history
 from tests.conftest import crash_training_at, in_flow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

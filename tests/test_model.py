@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tasks import adapter, base_model, evaluate, scores, train
-from tasks.common import PipelineError, read_json, read_jsonl
+from tasks.files import read_json, read_jsonl
+from tasks.log import PipelineError
 from tests.conftest import crash_training_at, data_half, in_flow, make_params
 
 slow = pytest.mark.slow  # per test: the ones that train, evaluate or build the data half

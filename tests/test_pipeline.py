@@ -14,6 +14,7 @@ import yaml
 
 from tests.conftest import ROOT, free_port, start, stop, wait_http
 
+
 def project_copy(tmp_path, edits: dict) -> tuple:
     """A git + DVC checkout of this project's tracked files with params edited; returns (dir, env)."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()

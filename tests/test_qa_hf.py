@@ -3,7 +3,8 @@
 import pytest
 
 from tasks import base_model, qa, teacher
-from tasks.common import PipelineError, write_jsonl
+from tasks.files import write_jsonl
+from tasks.log import PipelineError
 from tests.conftest import in_flow, make_params
 
 

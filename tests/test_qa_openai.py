@@ -11,7 +11,8 @@ import pytest
 
 from flows import report
 from tasks import evaluate, qa
-from tasks.common import PipelineError, read_json, read_jsonl, write_jsonl
+from tasks.files import read_json, read_jsonl, write_jsonl
+from tasks.log import PipelineError
 from tests.conftest import in_flow, make_params
 
 SECRET = "sk-test-" + "9f2c" * 8

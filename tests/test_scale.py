@@ -6,7 +6,7 @@ import pytest
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from tasks import base_model, train
-from tasks.common import read_json
+from tasks.files import read_json
 from tests.conftest import SAMPLE_PDFS, data_half, make_params
 
 
@@ -54,7 +54,7 @@ def test_train_stage_is_ready_for_a_multi_gpu_launch(tmp_path, monkeypatch):
 
 def test_retraining_threshold_on_changed_training_pairs(tmp_path):
     """Scheduled runs retrain only when enough of the training data changed (train.min_changed_fraction)."""
-    from tasks.common import write_json
+    from tasks.files import write_json
 
     p = make_params(tmp_path, train={"min_changed_fraction": 0.2})
     base = {"name": "builtin:tiny-llama", "revision": None, "tokenizer_hash": "t"}
@@ -106,8 +106,8 @@ def test_make_serve_uses_the_deployment_of_prefect_yaml(tmp_path, monkeypatch):
         yield "http://127.0.0.1:1/api"
 
     monkeypatch.setattr("prefect.runner.Runner", Runner)
-    monkeypatch.setattr(serve, "local_server", no_server)
-    monkeypatch.setattr(serve, "check_prefect_db", lambda: None)
+    monkeypatch.setattr("tasks.prefect_server.local_server", no_server)
+    monkeypatch.setattr("tasks.prefect_server.check_database", lambda: None)
     monkeypatch.setattr(serve.signal, "signal", lambda *args: None)  # pytest's SIGTERM handling stays as it is
     monkeypatch.setattr(serve.multiprocessing, "active_children", lambda: [])  # other tests' pool workers live on
     serve.serve()
