@@ -37,7 +37,7 @@ def _code_key(context: TaskRunContext, parameters: dict) -> str:
 
 # Cache on argument values (pass content hashes and params sections, not paths) plus the source of every project
 # module the task's module imports (Prefect's TASK_SOURCE covers only the decorated function: a change in a helper
-# such as chunk.split_sentences, used by qa, would otherwise keep serving stale results).
+# such as text.split_sentences, used by qa, would otherwise keep serving stale results).
 CACHE = dict(cache_policy=INPUTS + CachePolicy.from_cache_key_fn(_code_key), persist_result=True)
 
 

@@ -10,6 +10,8 @@ import pytest
 from tasks import base_model, chunk, export, extractive, ingest, qa, split
 from tasks.files import read_json, read_jsonl
 from tasks.log import PipelineError
+from tasks.dedup import NearDuplicates, minhash, minhash_to_json, question_key
+from tasks.text import normalise, split_sentences
 from tests.conftest import SAMPLE_PDFS, data_half, in_flow, make_params
 
 
@@ -110,7 +112,7 @@ def test_long_paragraph_is_cut_at_sentences_with_overlap(data):
     for a, b in zip(out, out[1:]):
         assert len(tokenizer(a["text"])["input_ids"]) <= data.chunk.max_tokens
         assert a["text"].endswith(".") and b["text"].startswith("Sentence")  # whole sentences only
-        assert b["text"].startswith(chunk.split_sentences(a["text"])[-1])  # the last sentence is repeated (overlap)
+        assert b["text"].startswith(split_sentences(a["text"])[-1])  # the last sentence is repeated (overlap)
 
 
 def test_tables_and_captions_are_chunks_of_their_own(data):
@@ -150,7 +152,7 @@ def test_qa_pairs_are_grounded_varied_and_deduplicated(data):
         assert chunks[p["chunk_id"]].get("kind", "text") == "text"
         assert qa.grounding(p["answer"], chunks[p["chunk_id"]]["text"]) >= data.qa.min_grounding
         assert data.qa.min_answer_chars <= len(p["answer"]) <= data.qa.max_answer_chars
-    assert len({qa.normalise(p["question"]) for p in pairs}) == len(pairs)
+    assert len({normalise(p["question"]) for p in pairs}) == len(pairs)
     # One question per section, not one per chunk of it.
     sections = [(p["doc_id"], p["section"]) for p in pairs if p["kind"] == "section"]
     assert len(sections) == len(set(sections)) >= len(documents)
@@ -281,7 +283,7 @@ def test_section_questions_are_at_most_their_share_of_a_documents_pairs(tmp_path
     def pair(i, kind, doc="d1"):
         p = {"question": f"Question number {i} about something {kind}?", "answer": "a", "chunk_id": f"c{i}",
              "doc_id": doc, "title": "T", "kind": kind, "drop": None}
-        p["minhash"] = qa.minhash_to_json(qa.minhash(qa.question_key(p), qa_params.minhash_permutations))
+        p["minhash"] = minhash_to_json(minhash(question_key(p), qa_params.minhash_permutations))
         return p
 
     # share 0.25: three other pairs leave room for one section question (1 of 4); the other document has none
@@ -294,7 +296,7 @@ def test_section_questions_are_at_most_their_share_of_a_documents_pairs(tmp_path
 
 
 def test_sentences_end_where_abbreviations_do_not():
-    assert chunk.split_sentences("LLMs should be aligned, i.e. Human preference matters. See Fig. 3 for it. "
+    assert split_sentences("LLMs should be aligned, i.e. Human preference matters. See Fig. 3 for it. "
                                  "Smith et al. (2020) agree. Next one.") == [
         "LLMs should be aligned, i.e. Human preference matters.", "See Fig. 3 for it.", "Smith et al. (2020) agree.",
         "Next one."]
@@ -317,7 +319,7 @@ def test_qa_filters_and_near_duplicates_drop_and_count(data):
                       ('In "T2", what is DPO?', "c2", "d2", "T2")]]  # the same question about another paper
     candidates.append({**candidates[0], "drop": "answer_length"})
     for c in candidates:  # as qa_document leaves them
-        c["minhash"] = qa.minhash_to_json(qa.minhash(qa.question_key(c), data.qa.minhash_permutations))
+        c["minhash"] = minhash_to_json(minhash(question_key(c), data.qa.minhash_permutations))
     dropped = Counter()
     kept = list(qa.select(candidates, data.qa, dropped))
     assert [k["question"] for k in kept] == [q, 'In "T1", what is DPO?', 'In "T1", what is SFT?',
@@ -328,12 +330,12 @@ def test_qa_filters_and_near_duplicates_drop_and_count(data):
 def test_near_duplicate_index_on_disk_finds_what_datasketchs_in_memory_lsh_finds(data):
     from datasketch import MinHashLSH
 
-    questions = [qa.question_key(p) for p in read_jsonl(data.paths.qa)]
+    questions = [question_key(p) for p in read_jsonl(data.paths.qa)]
     questions += [q.replace("the ", "a ", 1) for q in questions[::3]] + questions[::7]  # near and exact copies
-    on_disk, lsh, hashes = qa.NearDuplicates(0.8, 128), MinHashLSH(threshold=0.8, num_perm=128), {}
+    on_disk, lsh, hashes = NearDuplicates(0.8, 128), MinHashLSH(threshold=0.8, num_perm=128), {}
     found = []
     for q in questions:
-        m = qa.minhash(q, 128)
+        m = minhash(q, 128)
         seen = on_disk.seen(m)
         expected = any(hashes[k].jaccard(m) >= 0.8 for k in lsh.query(m))
         found.append((seen, expected))
