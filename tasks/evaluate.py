@@ -32,27 +32,12 @@ from tasks.log import PipelineError, logger
 from tasks.multiple_choice import build_items, chosen, option_scores
 from tasks.params import EvaluateParams, MLflowParams, Paths, QAParams
 from tasks.runner import run_stage
-from tasks.scores import CI_METRICS, METRICS, by_kind, ci95, per_answer, summarise
+from tasks.scores import CHOICE, CI_METRICS, HELD_OUT, METRICS, by_kind, ci95, per_answer, summarise
 from tasks.teacher import complete, endpoint, strip_fence
-from tasks.tracking import (
-    ADAPTER_HASH,
-    champion,
-    find_training_run,
-    fmt,
-    log_dataset,
-    md5_file,
-    model_id_of,
-    open_store,
-    promote,
-    score_tag,
-    start_run,
-    version_of,
-)
+from tasks.tracking import log_evaluation, md5_file
 
 PLOTTED = [*METRICS, "f1", "exact_match"]  # the bars of rouge.png and the columns of the DVC plot CSV
-HELD_OUT = "heldout"
 READ = "read_documents"  # the eval.json key saying which documents the adapter's training read
-CHOICE = "multiple_choice"  # the eval.json key of the multiple-choice knowledge score (closed book, held out)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -314,102 +299,21 @@ def write_evaluation(paths: Paths, flat: dict, choice: dict, predictions: list[d
     return report
 
 
-def log_evaluation(mlflow: MLflowParams, evaluate: EvaluateParams, flat: dict, choice: dict, paths: Paths) -> None:
-    """Every MLflow call of evaluation, into a run of its own: a child of the train run that made the adapter (found
-    by the adapter's content hash; with another or a new store, a top-level run linked by the same tags). Scores,
-    the eval sets as dataset inputs, files, and the promotion decision on the adapter's registered version.
-    With a store that cannot be used the metrics files stand and the stage fails in one line (exit status 1), so
-    that DVC does not record an evaluation MLflow never saw and a script can tell."""
-    from mlflow.entities import LoggedModelInput
-
-    adapter_hash = dir_hash(paths.adapter)
-    eval_hash = md5_file(paths.eval_split) + (f"-first{evaluate.max_examples}" if evaluate.max_examples else "")
-    try:
-        _, client, exp_id = open_store(mlflow)
-    except PipelineError as e:
-        raise PipelineError(f"scores written to {paths.eval_metrics}, but not logged to MLflow: {e}") from None
-    trained = find_training_run(client, exp_id, adapter_hash)
-    version = version_of(client, mlflow, adapter_hash)
-    model_id = model_id_of(version) if version is not None else None  # the logged model the train run registered
-    tags = {ADAPTER_HASH: adapter_hash, "papertune.eval_set_hash": eval_hash,
-            "papertune.adapter_run_id": trained.info.run_id if trained else "not in this store"}
-    with start_run(mlflow, "evaluate", "evaluate", tags, parent_run_id=trained and trained.info.run_id) as (mlflow_, _):
-        if model_id:
-            mlflow_.log_input(model=LoggedModelInput(model_id))  # the run page lists the adapter it evaluated
-        datasets = {HELD_OUT: log_dataset(mlflow_, paths.eval_split, HELD_OUT, "evaluation")}
-        for name, path in evaluate.gold_sets.items():
-            datasets[name] = log_dataset(mlflow_, path, name, "evaluation")
-        for name, res in flat.items():
-            key, set_name = name.replace("/", "."), name.rpartition("/")[0] or HELD_OUT
-            metrics = {}
-            for model in ("base", "finetuned"):
-                metrics |= metric_names(f"{key}.{model}", res[model])
-                metrics |= metric_names(f"{key}.{model}.without_section", res[model]["without_section"])
-            metrics |= {f"{key}.delta.{m}": round(res["finetuned"][m] - res["base"][m], 4) for m in METRICS}
-            # Linked to the logged model and the eval set: the model's page shows its scores per dataset.
-            mlflow_.log_metrics(metrics, model_id=model_id, dataset=datasets[set_name])
-        if choice:
-            mlflow_.log_metrics({k: v for model in ("base", "finetuned")
-                                 for k, v in metric_names(f"{CHOICE}.{model}", choice[model]).items()},
-                                model_id=model_id, dataset=datasets[HELD_OUT])
-        mlflow_.log_artifact(str(paths.eval_metrics), artifact_path="eval")
-        mlflow_.log_artifact(str(paths.predictions), artifact_path="eval")
-        mlflow_.log_artifact(str(Path(paths.plots_dir) / "rouge.png"), artifact_path="plots")
-        current = champion(client, mlflow)
-        if (version is not None and current is not None and current.version != version.version
-                and mlflow.promote_on in flat and score_tag(eval_hash) not in current.tags):
-            mlflow_.set_tag("papertune.champion_rescored", score_champion(client, mlflow, evaluate, paths, current,
-                                                                           eval_hash))
-        if version is None:
-            decision = "not promoted: this adapter has no registered version in this store (trained elsewhere)"
-        elif mlflow.promote_on not in flat:
-            decision = f"not promoted: evaluate.modes has no {mlflow.promote_on} (mlflow.promote_on)"
-        else:
-            decision = promote(client, mlflow, version, flat[mlflow.promote_on]["finetuned"], eval_hash)["decision"]
-        mlflow_.set_tag("papertune.promotion", decision)
-    logger().info(f"evaluate: {mlflow.registered_model}: {decision}")
-
-
-def metric_names(prefix: str, scores: dict) -> dict[str, float]:
-    """MLflow metrics of one score dict: its numbers, and each 95% interval as _low/_high."""
-    out = {}
-    for m, v in scores.items():
-        if isinstance(v, list):
-            out |= {f"{prefix}.{m}_low": v[0], f"{prefix}.{m}_high": v[1]}
-        elif isinstance(v, (int, float)):
-            out[f"{prefix}.{m}"] = v
-    return out
-
-
-def score_champion(client, cfg: MLflowParams, evaluate: EvaluateParams, paths: Paths, current, eval_hash: str) -> str:
-    """The champion has no score on this eval set (the split changed since it was scored): answer the held-out
-    questions with its adapter, downloaded from the registry, on the project's base model when it is the one the
-    champion was trained on, and record the score on its version, so that promotion compares on the same set."""
-    import mlflow as mlflow_module
-    import yaml
-
-    local = Path(mlflow_module.artifacts.download_artifacts(f"models:/{cfg.registered_model}/{current.version}"))
-    pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-    if pyfunc["config"]["base_model_hash"] != dir_hash(paths.base_model):
-        return f"champion v{current.version} was trained on another base model: not re-scored"
-    champ = paths.model_copy(update={"adapter": local / pyfunc["artifacts"]["adapter"]["path"]})
-    held_out = evaluate.model_copy(update={"modes": [cfg.promote_on], "gold_sets": {}})
-    answered = answer_sets({HELD_OUT: eval_sets(held_out, paths)[HELD_OUT]}, held_out, champ,
-                           adapter_meta(champ.adapter))
-    result = score(answered, held_out)[0][cfg.promote_on]["finetuned"]
-    client.set_model_version_tag(cfg.registered_model, current.version, score_tag(eval_hash), json.dumps(result))
-    return f"champion v{current.version} re-scored on eval set {eval_hash[:12]}: {fmt(result)}"
+def eval_set_hash(evaluate: EvaluateParams, paths: Paths) -> str:
+    """Which held-out questions the scores are on: scores on different sets are not comparable (promotion)."""
+    return md5_file(paths.eval_split) + (f"-first{evaluate.max_examples}" if evaluate.max_examples else "")
 
 
 def run(evaluate: EvaluateParams, qa: QAParams, mlflow: MLflowParams, paths: Paths) -> dict:
-    """The recipe: questions → answers from both models → judge ratings (if enabled) → scores → files → MLflow."""
+    """The recipe: questions → answers from both models → judge ratings (if enabled) → scores → files → MLflow.
+    Promotion is the next stage's (tasks/promote.py)."""
     meta, sets = adapter_meta(paths.adapter), eval_sets(evaluate, paths)
     answered = answer_sets(sets, evaluate, paths, meta)
     judge_answers(answered, evaluate, qa, paths)
     choice = multiple_choice(sets[HELD_OUT], evaluate, paths, meta)
     flat, predictions = score(answered, evaluate)
     report = write_evaluation(paths, flat, choice, predictions, documents_read(meta, paths))
-    log_evaluation(mlflow, evaluate, flat, choice, paths)
+    log_evaluation(mlflow, evaluate, flat, choice, paths, eval_set_hash(evaluate, paths))
     for name, res in flat.items():
         judged = (f"; judge {res['base']['judge']:.2f} → {res['finetuned']['judge']:.2f} of 5"
                   if "judge" in res["base"] and "judge" in res["finetuned"] else "")

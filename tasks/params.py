@@ -56,6 +56,7 @@ class Paths(Section):
     predictions: Path = Field(description="evaluate → JSONL with question, reference, base and fine-tuned answers.")
     rouge_plot: Path = Field(description="evaluate → CSV of ROUGE per mode and model (DVC plot).")
     plots_dir: Path = Field(description="train/evaluate → PNG plots logged to MLflow.")
+    promotion: Path = Field(description="promote → JSON record of the promotion decision on the registered model.")
     params_check: Path = Field(
         description="params → stamp written when params.yaml validates; every DVC stage depends on it, so a bad "
         "params file stops `dvc repro` before any stage runs (its content never changes)."

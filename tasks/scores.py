@@ -22,6 +22,9 @@ def _scorer():
 
     return rouge_scorer.RougeScorer(METRICS, use_stemmer=True)
 
+HELD_OUT = "heldout"  # the eval.json name of the held-out split's scores (other gold sets go by their own names)
+CHOICE = "multiple_choice"  # the eval.json key of the multiple-choice knowledge score (closed book, held out)
+
 
 def normalise_answer(text: str) -> str:
     """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""

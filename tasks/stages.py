@@ -75,6 +75,9 @@ STAGES = [
           deps=("base_model", "adapter", "eval_split"), outs=("predictions",), metrics=("eval_metrics",),
           plots=("rouge_plot",), untracked=("qa_cache", "plots_dir"),
           comment="evaluate.judge asks the QA stage's judge endpoint; the QA filters are not its params"),
+    Stage("promote", params=("mlflow", "evaluate"), deps=("base_model", "adapter", "eval_split", "eval_metrics"),
+          reports=("promotion",),
+          comment="the registry's champion alias; a champion without a score on this eval set is answered on it"),
 ]
 
 

@@ -28,10 +28,13 @@ import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 from tasks.files import sqlite_problem
+from tasks.hashing import dir_hash
 from tasks.log import PipelineError, logger
-from tasks.params import MLflowParams
+from tasks.params import EvaluateParams, MLflowParams, Paths
+from tasks.scores import CHOICE, HELD_OUT, METRICS
 
 KIND = "papertune.kind"  # train | train-skipped | evaluate
 END = "papertune.end"  # how a run that did not finish ended: interrupted: SIGTERM, failed: <error>, killed
@@ -343,3 +346,135 @@ def promote(client, cfg: MLflowParams, version, score: dict, eval_hash: str) -> 
     client.update_model_version(name, version.version, description=decision)
     return {"promoted": promoted, "decision": decision, "version": version.version,
             "champion_version": current.version if current is not None else None, "champion_score": theirs}
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+
+
+def loss_callback(mlflow):
+    from transformers import TrainerCallback
+
+    class MLflowLossCallback(TrainerCallback):
+        """Log train/eval loss per step into our MLflow run, live (the UI shows a run while it trains)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            metrics = {k: float(v) for k, v in logs.items() if k in ("loss", "eval_loss", "learning_rate", "grad_norm")}
+            if metrics:
+                mlflow.log_metrics({("train_loss" if k == "loss" else k): v for k, v in metrics.items()},
+                                   step=state.global_step)
+
+    return MLflowLossCallback()
+
+
+@contextmanager
+def log_training(mlflow_cfg: MLflowParams, paths: Paths, record: dict, key: dict, run_id: str | None, main: bool):
+    """Every MLflow call of a training, into a run of its own that nothing reopens later. At the start: tags
+    (the decision to train), params, the train/eval splits as dataset inputs; while training: the live loss
+    callback; once the body has saved the adapter and filled `log.done`: the final metrics, the adapter as a
+    logged pyfunc model (tasks/mlflow_model.py) registered as a new version of `mlflow.registered_model`, plots
+    and reports. `run_id` is the run of an interrupted training this one resumes: linked by a tag, not reopened."""
+    if not main:  # under `accelerate launch` every rank trains; only rank 0 records
+        yield SimpleNamespace(run_id=None, callbacks=[], done={})
+        return
+    tags = {"qa_dataset_hash": record["qa_dataset_hash"], "train_hash": key["train_hash"],
+            "base_model": key["base_model"]["name"], "base_model_revision": str(key["base_model"]["revision"]),
+            "papertune.train_decision": "trained"}
+    if run_id:
+        tags["papertune.resumed_from"] = run_id
+    with start_run(mlflow_cfg, "train", "train", tags=tags) as (mlflow, run):
+        mlflow.log_params(record["params"])
+        log_dataset(mlflow, paths.train_split, "train", "training")
+        log_dataset(mlflow, paths.eval_split, "eval", "validation")  # the eval loss while training
+        if record.get("read_documents") is not None:  # the papers whose text training read, besides the QA pairs
+            mlflow.log_dict({"read_documents": record["read_documents"]}, "read_documents.json")
+            mlflow.set_tag("papertune.documents_read", str(len(record["read_documents"])))
+        log = SimpleNamespace(run_id=run.info.run_id, callbacks=[loss_callback(mlflow)], done={})
+        yield log
+        if not log.done:
+            return
+        adapter_hash = dir_hash(paths.adapter)
+        mlflow.set_tag(ADAPTER_HASH, adapter_hash)  # how evaluate finds this run: no run id in DVC outputs
+        setup = {k: v for k, v in record["params"].items() if k.split(".")[0] in ("model", "train")}
+        from tasks.mlflow_model import log_adapter_model
+
+        model = log_adapter_model(mlflow, paths.adapter, paths.base_model, mlflow_cfg.model_max_new_tokens, setup)
+        # Throughput goes to MLflow only: DVC metrics stay identical when a run is reproduced.
+        mlflow.log_metrics(log.done, model_id=model.model_id)
+        version = register(mlflow, mlflow_cfg, model.model_uri, adapter_hash)
+        mlflow.set_tag("papertune.registered_version", f"{version.name} v{version.version}")
+        mlflow.log_artifacts(str(paths.plots_dir), artifact_path="plots")
+        for report in (paths.ingest_report, paths.qa_report, paths.split_report):
+            if Path(report).exists():
+                mlflow.log_artifact(str(report), artifact_path="reports")
+
+
+def log_skipped(mlflow_cfg: MLflowParams, paths: Paths, reason: str) -> None:
+    """A skipped training records its decision in a small run of its own, linked to the train run that made the
+    adapter it kept; that run stays as it was written. A store that cannot be used only costs the record."""
+    adapter_hash = dir_hash(paths.adapter)
+    tags = {"papertune.train_decision": f"skipped: {reason}", ADAPTER_HASH: adapter_hash}
+    try:
+        with start_run(mlflow_cfg, "train-skipped", "train skipped", tags=tags) as (mlflow, run):
+            trained = find_training_run(mlflow.MlflowClient(), run.info.experiment_id, adapter_hash)
+            mlflow.set_tag("papertune.adapter_run_id", trained.info.run_id if trained else "not in this store")
+    except PipelineError as e:
+        logger().warning(f"train: skip not recorded in MLflow: {e}")
+
+
+# ---------------------------------------------------------------------------------------------- evaluation runs
+
+
+def log_evaluation(mlflow: MLflowParams, evaluate: EvaluateParams, flat: dict, choice: dict, paths: Paths,
+                   eval_hash: str) -> None:
+    """Every MLflow call of evaluation, into a run of its own: a child of the train run that made the adapter (found
+    by the adapter's content hash; with another or a new store, a top-level run linked by the same tags). Scores,
+    the eval sets as dataset inputs, and files (tasks/promote.py adds the promotion decision).
+    With a store that cannot be used the metrics files stand and the stage fails in one line (exit status 1), so
+    that DVC does not record an evaluation MLflow never saw and a script can tell."""
+    from mlflow.entities import LoggedModelInput
+
+    adapter_hash = dir_hash(paths.adapter)
+    try:
+        _, client, exp_id = open_store(mlflow)
+    except PipelineError as e:
+        raise PipelineError(f"scores written to {paths.eval_metrics}, but not logged to MLflow: {e}") from None
+    trained = find_training_run(client, exp_id, adapter_hash)
+    version = version_of(client, mlflow, adapter_hash)
+    model_id = model_id_of(version) if version is not None else None  # the logged model the train run registered
+    tags = {ADAPTER_HASH: adapter_hash, "papertune.eval_set_hash": eval_hash,
+            "papertune.adapter_run_id": trained.info.run_id if trained else "not in this store"}
+    with start_run(mlflow, "evaluate", "evaluate", tags, parent_run_id=trained and trained.info.run_id) as (mlflow_, _):
+        if model_id:
+            mlflow_.log_input(model=LoggedModelInput(model_id))  # the run page lists the adapter it evaluated
+        datasets = {HELD_OUT: log_dataset(mlflow_, paths.eval_split, HELD_OUT, "evaluation")}
+        for name, path in evaluate.gold_sets.items():
+            datasets[name] = log_dataset(mlflow_, path, name, "evaluation")
+        for name, res in flat.items():
+            key, set_name = name.replace("/", "."), name.rpartition("/")[0] or HELD_OUT
+            metrics = {}
+            for model in ("base", "finetuned"):
+                metrics |= metric_names(f"{key}.{model}", res[model])
+                metrics |= metric_names(f"{key}.{model}.without_section", res[model]["without_section"])
+            metrics |= {f"{key}.delta.{m}": round(res["finetuned"][m] - res["base"][m], 4) for m in METRICS}
+            # Linked to the logged model and the eval set: the model's page shows its scores per dataset.
+            mlflow_.log_metrics(metrics, model_id=model_id, dataset=datasets[set_name])
+        if choice:
+            mlflow_.log_metrics({k: v for model in ("base", "finetuned")
+                                 for k, v in metric_names(f"{CHOICE}.{model}", choice[model]).items()},
+                                model_id=model_id, dataset=datasets[HELD_OUT])
+        mlflow_.log_artifact(str(paths.eval_metrics), artifact_path="eval")
+        mlflow_.log_artifact(str(paths.predictions), artifact_path="eval")
+        mlflow_.log_artifact(str(Path(paths.plots_dir) / "rouge.png"), artifact_path="plots")
+
+
+def metric_names(prefix: str, scores: dict) -> dict[str, float]:
+    """MLflow metrics of one score dict: its numbers, and each 95% interval as _low/_high."""
+    out = {}
+    for m, v in scores.items():
+        if isinstance(v, list):
+            out |= {f"{prefix}.{m}_low": v[0], f"{prefix}.{m}_high": v[1]}
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}.{m}"] = v
+    return out

@@ -3,14 +3,10 @@
 Run alone:  python -m tasks.train [--params params.yaml]
 Multi-GPU:  accelerate launch --num_processes 2 -m tasks.train   (DDP; each GPU holds its own 4-bit copy)
 
-The recipe reads top to bottom (`train_adapter`): set up the data, the checkpoints and the model, train, save
-the adapter, write the metrics; every MLflow call lives in `log_training` (and `log_skipped`).
-The base model is loaded quantised (`train.quantization`: NF4 with double quantisation, 8-bit, or none),
-prepared with `prepare_model_for_kbit_training` and wrapped in LoRA. Prompts come from tasks.adapter (the
-contract evaluate and ask share). QA pairs are learned on their answers; documents are read as the answers to
-`train.reading_questions` about their title and section, in the same prompt format, with the loss on every token
-of the text. With `train.packing` the examples of a batch are packed into rows of `train.max_seq_length` tokens
-(position ids restart per example; transformers masks attention across examples). The adapter (safetensors),
+The recipe reads top to bottom (`train_adapter`): set up the data (tasks/training_data.py), the checkpoints and the
+model, train, save the adapter, write the metrics; every MLflow call lives in tasks/tracking.py (`log_training`,
+`log_skipped`). The base model is loaded quantised (`train.quantization`: NF4 with double quantisation, 8-bit, or none),
+prepared with `prepare_model_for_kbit_training` and wrapped in LoRA. The adapter (safetensors),
 tokenizer and resolved params are saved together; an interrupted run resumes from its last checkpoint. Each
 training is an MLflow run of its own (tasks/tracking.py); evaluation finds it by the adapter's content hash and
 logs a child run. Training is skipped when neither the data nor the training params changed (or fewer than
@@ -23,164 +19,26 @@ import csv
 import io
 import json
 import os
-import random
 import shutil
-from collections import Counter
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import yaml
 from prefect import task
 
-from tasks.adapter import META, build_prompt, reading_prompt
-from tasks.base_model import describe, load_model, load_tokenizer
+from tasks.adapter import META
+from tasks.base_model import describe, load_model
 from tasks.files import atomic_dir, atomic_write, follow_umask, read_json, read_jsonl, write_json
 from tasks.hashing import code_hash, content_hash, dir_hash, sha256_file
 from tasks.log import PipelineError, logger
 from tasks.params import MLflowParams, Params, Paths, TrainParams, flatten
 from tasks.runner import run_stage
-from tasks.text import split_sentences
-from tasks.tracking import ADAPTER_HASH, find_training_run, log_dataset, register, start_run
+from tasks.tracking import log_skipped, log_training
+from tasks.training_data import collator, setup_data
 
 # torch, peft, datasets, transformers' Trainer, tasks.loss and the MLflow model flavour are imported inside the
 # functions that use them: a skipped or cached training never pays their import time (flows.pipeline imports
 # every stage; torch and mlflow.pyfunc alone take 2-3 s). train_adapter runs in the flow's main thread (no
 # lazy-import race).
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def tokenize_pair(tokenizer, prompt: str, answer: str, max_len: int) -> dict:
-    """input_ids = prompt + answer + EOS; labels = -100 over the prompt, so only answer tokens are learned."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    prompt_ids = prompt_ids[-(max_len // 2):]  # an overlong prompt keeps its end, next to the answer
-    ids = (prompt_ids + answer_ids)[:max_len]
-    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_len]
-    return {"input_ids": ids, "labels": labels}
-
-
-def encode(row: dict, tokenizer, cfg: TrainParams) -> dict:
-    prompt = build_prompt(tokenizer, row["question"], cfg.prompt_template, cfg.system_prompt)
-    return tokenize_pair(tokenizer, prompt, row["answer"], cfg.max_seq_length)
-
-
-def load_split(path: Path, tokenizer, cfg: TrainParams):
-    from datasets import load_dataset
-
-    ds = load_dataset("json", data_files=str(path), split="train")
-    return ds.map(encode, fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, remove_columns=ds.column_names,
-                  desc=f"tokenize {path.name}")
-
-
-def documents_to_read(cfg: TrainParams, chunks: list[dict], pairs: list[dict]) -> list[dict]:
-    """[{doc_id, title}] of the documents whose text training reads (`train.read_documents`)."""
-    titles = {c["doc_id"]: c["title"] for c in chunks}
-    chosen = {"all": set(titles), "train": {p["doc_id"] for p in pairs} & set(titles), "none": set()}
-    return [{"doc_id": d, "title": titles[d]} for d in sorted(chosen[cfg.read_documents], key=titles.get)]
-
-
-def reading_passages(chunk: dict, cfg: TrainParams, rng: random.Random) -> list[str]:
-    """The texts one chunk is read as: the chunk itself; optionally each of its sentences alone
-    (`train.reading_sentences`) and sentence-shuffled copies (`train.reading_shuffles`), augmentations that show a
-    fact in several contexts (Allen-Zhu & Li, Physics of LMs 3.1). Tables are read as they are."""
-    passages = [chunk["text"]]
-    sentences = split_sentences(chunk["text"].replace("\n\n", " ")) if chunk.get("kind", "text") == "text" else []
-    if cfg.reading_sentences and len(sentences) > 1:
-        passages += sentences
-    for _ in range(cfg.reading_shuffles if len(sentences) > 2 else 0):
-        passages.append(" ".join(rng.sample(sentences, len(sentences))))
-    return passages
-
-
-def read_examples(chunk: dict, part: int, cfg: TrainParams, tokenizer, rng: random.Random) -> list[dict]:
-    """A chunk's reading examples: each passage as the answer to `train.reading_repeats` of the
-    `train.reading_questions`, drawn at random (tasks.adapter.reading_prompt), the loss on every token of the passage.
-    Several phrasings of the question teach the model to find the paper and section in a question, not to recite
-    after one fixed string; drawing them keeps the cost of a pass independent of how many phrasings there are."""
-    questions = rng.sample(cfg.reading_questions, min(cfg.reading_repeats, len(cfg.reading_questions)))
-    prompts = [reading_prompt(tokenizer, chunk, q, cfg.prompt_template, cfg.system_prompt, part) for q in questions]
-    return [tokenize_pair(tokenizer, prompt, text, cfg.max_seq_length)
-            for text in reading_passages(chunk, cfg, rng) for prompt in prompts]
-
-
-def training_examples(cfg: TrainParams, tokenizer, pairs: list[dict], chunks: list[dict],
-                      read: list[dict]) -> tuple[list[dict], dict]:
-    """QA examples (answer-only loss, repeated `train.qa_repeats` times) and reading examples (every token), in
-    `train.data_order`: "mixed" (shuffled together) or "qa_first" (QA, then reading; each part shuffled).
-    Returns (examples, counts)."""
-    rng = random.Random(cfg.seed)
-    read_ids = {d["doc_id"] for d in read}
-    qa = [encode(p, tokenizer, cfg) for p in pairs] * cfg.qa_repeats
-    parts = Counter()  # chunks come in document order: the n-th chunk of a section is its part n
-    reading = []
-    for c in chunks:
-        if c["doc_id"] in read_ids:
-            parts[c["doc_id"], c["section"]] += 1
-            reading += read_examples(c, parts[c["doc_id"], c["section"]], cfg, tokenizer, rng)
-    if cfg.data_order == "mixed":
-        examples = qa + reading
-        rng.shuffle(examples)
-    else:
-        examples = rng.sample(qa, len(qa)) + rng.sample(reading, len(reading))
-    return examples, {"qa_examples": len(qa), "reading_examples": len(reading)}
-
-
-def collator(tokenizer, packing: bool, max_len: int):
-    """Packed rows (`train.packing`), or one padded row per example."""
-    from transformers import DataCollatorForSeq2Seq
-
-    if packing:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return partial(pack_rows, max_len=max_len, pad_id=pad_id)
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-
-
-def pack_rows(examples: list[dict], max_len: int, pad_id: int) -> dict:
-    """Examples packed first-fit-decreasing into rows of at most `max_len` tokens; position ids restart at every
-    example, and transformers turns that into a block-diagonal causal mask (no attention across examples).
-    Written here because transformers' DataCollatorWithFlattening makes one row of the whole batch: attention then
-    costs (batch tokens)^2 (sdpa on CPU has no variable-length kernel), 3.8 s against 1.1 s per step of the builtin
-    model at batch 64, while rows of `max_len` keep it at max_len^2 per row. Each example's first label is -100
-    (the token before it belongs to another example), as in the flattening collator. The tail of a row is padding:
-    a segment of its own (positions from 0, labels -100) that nothing attends to."""
-    import torch
-
-    rows: list[list[dict]] = []
-    room: list[int] = []
-    for ex in sorted(examples, key=lambda e: -len(e["input_ids"])):
-        n = len(ex["input_ids"])
-        i = next((i for i, r in enumerate(room) if r >= n), None)
-        if i is None:  # no row has room: open a new one
-            i = len(rows)
-            rows.append([])
-            room.append(max_len)
-        rows[i].append(ex)
-        room[i] -= n
-    width = max(max_len - r for r in room)
-    ids, labels, positions = [], [], []
-    for row, free in zip(rows, room):
-        pad = width - (max_len - free)
-        ids.append([t for ex in row for t in ex["input_ids"]] + [pad_id] * pad)
-        labels.append([l for ex in row for l in [-100, *ex["labels"][1:]]] + [-100] * pad)
-        positions.append([i for ex in row for i in range(len(ex["input_ids"]))] + list(range(pad)))
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
-
-
-def setup_data(cfg: TrainParams, paths: Paths):
-    """(tokenizer, training examples, held-out QA for the eval loss, documents read, example counts)."""
-    from datasets import Dataset
-
-    tokenizer = load_tokenizer(paths.base_model)
-    pairs = read_jsonl(paths.train_split)
-    chunks = read_jsonl(paths.chunks)
-    read = documents_to_read(cfg, chunks, pairs)
-    examples, counts = training_examples(cfg, tokenizer, pairs, chunks, read)
-    eval_ds = load_split(Path(paths.eval_split), tokenizer, cfg)
-    return tokenizer, Dataset.from_list(examples), eval_ds, read, counts
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -309,81 +167,6 @@ def remember_run(paths: Paths, key: dict, run_id: str) -> None:
     """The MLflow run writing these checkpoints: a resumed training's run links to it (papertune.resumed_from)."""
     Path(paths.checkpoints).mkdir(parents=True, exist_ok=True)
     write_json(Path(paths.checkpoints) / "papertune_run.json", {"run_key": key["key"], "mlflow_run_id": run_id})
-
-
-# ---------------------------------------------------------------------------------------------- MLflow
-
-
-def make_callback(mlflow):
-    from transformers import TrainerCallback
-
-    class MLflowLossCallback(TrainerCallback):
-        """Log train/eval loss per step into our MLflow run, live (the UI shows a run while it trains)."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            metrics = {k: float(v) for k, v in logs.items() if k in ("loss", "eval_loss", "learning_rate", "grad_norm")}
-            if metrics:
-                mlflow.log_metrics({("train_loss" if k == "loss" else k): v for k, v in metrics.items()},
-                                   step=state.global_step)
-
-    return MLflowLossCallback()
-
-
-@contextmanager
-def log_training(mlflow_cfg: MLflowParams, paths: Paths, record: dict, key: dict, run_id: str | None, main: bool):
-    """Every MLflow call of a training, into a run of its own that nothing reopens later. At the start: tags
-    (the decision to train), params, the train/eval splits as dataset inputs; while training: the live loss
-    callback; once the body has saved the adapter and filled `log.done`: the final metrics, the adapter as a
-    logged pyfunc model (tasks/mlflow_model.py) registered as a new version of `mlflow.registered_model`, plots
-    and reports. `run_id` is the run of an interrupted training this one resumes: linked by a tag, not reopened."""
-    if not main:  # under `accelerate launch` every rank trains; only rank 0 records
-        yield SimpleNamespace(run_id=None, callbacks=[], done={})
-        return
-    tags = {"qa_dataset_hash": record["qa_dataset_hash"], "train_hash": key["train_hash"],
-            "base_model": key["base_model"]["name"], "base_model_revision": str(key["base_model"]["revision"]),
-            "papertune.train_decision": "trained"}
-    if run_id:
-        tags["papertune.resumed_from"] = run_id
-    with start_run(mlflow_cfg, "train", "train", tags=tags) as (mlflow, run):
-        mlflow.log_params(record["params"])
-        log_dataset(mlflow, paths.train_split, "train", "training")
-        log_dataset(mlflow, paths.eval_split, "eval", "validation")  # the eval loss while training
-        if record.get("read_documents") is not None:  # the papers whose text training read, besides the QA pairs
-            mlflow.log_dict({"read_documents": record["read_documents"]}, "read_documents.json")
-            mlflow.set_tag("papertune.documents_read", str(len(record["read_documents"])))
-        log = SimpleNamespace(run_id=run.info.run_id, callbacks=[make_callback(mlflow)], done={})
-        yield log
-        if not log.done:
-            return
-        adapter_hash = dir_hash(paths.adapter)
-        mlflow.set_tag(ADAPTER_HASH, adapter_hash)  # how evaluate finds this run: no run id in DVC outputs
-        setup = {k: v for k, v in record["params"].items() if k.split(".")[0] in ("model", "train")}
-        from tasks.mlflow_model import log_adapter_model
-
-        model = log_adapter_model(mlflow, paths.adapter, paths.base_model, mlflow_cfg.model_max_new_tokens, setup)
-        # Throughput goes to MLflow only: DVC metrics stay identical when a run is reproduced.
-        mlflow.log_metrics(log.done, model_id=model.model_id)
-        version = register(mlflow, mlflow_cfg, model.model_uri, adapter_hash)
-        mlflow.set_tag("papertune.registered_version", f"{version.name} v{version.version}")
-        mlflow.log_artifacts(str(paths.plots_dir), artifact_path="plots")
-        for report in (paths.ingest_report, paths.qa_report, paths.split_report):
-            if Path(report).exists():
-                mlflow.log_artifact(str(report), artifact_path="reports")
-
-
-def log_skipped(mlflow_cfg: MLflowParams, paths: Paths, reason: str) -> None:
-    """A skipped training records its decision in a small run of its own, linked to the train run that made the
-    adapter it kept; that run stays as it was written. A store that cannot be used only costs the record."""
-    adapter_hash = dir_hash(paths.adapter)
-    tags = {"papertune.train_decision": f"skipped: {reason}", ADAPTER_HASH: adapter_hash}
-    try:
-        with start_run(mlflow_cfg, "train-skipped", "train skipped", tags=tags) as (mlflow, run):
-            trained = find_training_run(mlflow.MlflowClient(), run.info.experiment_id, adapter_hash)
-            mlflow.set_tag("papertune.adapter_run_id", trained.info.run_id if trained else "not in this store")
-    except PipelineError as e:
-        logger().warning(f"train: skip not recorded in MLflow: {e}")
 
 
 # ---------------------------------------------------------------------------------------------- stage

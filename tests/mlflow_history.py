@@ -4,7 +4,7 @@ tests/test_mlflow_runs.py (what the store holds) and tests/test_mlflow_ui.py (wh
 
 import pytest
 
-from tasks import evaluate, tracking, train
+from tasks import evaluate, promote, tracking, train
 from tests.conftest import data_half, in_flow, make_params
 
 FAST = dict(max_steps=8, logging_steps=4, eval_steps=4, save_steps=4, per_device_train_batch_size=4)
@@ -30,9 +30,11 @@ def build(tmp_path_factory):
         in_flow(train.run, p.train, p.mlflow, p.paths, p)
         (train_run,) = client.search_runs([exp_id], "tags.`papertune.kind` = 'train'")
         in_flow(evaluate.run, p.evaluate, p.qa, p.mlflow, p.paths)
+        in_flow(promote.run, p.mlflow, p.evaluate, p.paths)
         after_first_eval = client.get_run(train_run.info.run_id)
         skipped = in_flow(train.run, p.train, p.mlflow, p.paths, p)
         in_flow(evaluate.run, p.evaluate, p.qa, p.mlflow, p.paths)
+        in_flow(promote.run, p.mlflow, p.evaluate, p.paths)
     finally:
         mp.undo()
     _BUILT.append((p, client, exp_id, train_run, after_first_eval, skipped))

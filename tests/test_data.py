@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 
 from tasks import base_model, chunk, export, extractive, ingest, qa, split
+from tasks.dedup import NearDuplicates, minhash, minhash_to_json, question_key
 from tasks.files import read_json, read_jsonl
 from tasks.log import PipelineError
-from tasks.dedup import NearDuplicates, minhash, minhash_to_json, question_key
 from tasks.text import normalise, split_sentences
 from tests.conftest import SAMPLE_PDFS, data_half, in_flow, make_params
 

@@ -439,7 +439,7 @@ def test_an_evaluation_mlflow_could_not_record_fails_the_stage(tmp_path, monkeyp
     p.paths.adapter.mkdir(parents=True)
     with pytest.raises(PipelineError, match=rf"^scores written to {p.paths.eval_metrics}, but not logged to "
                                             rf"MLflow: MLflow store {db} is corrupt"):
-        evaluate.log_evaluation(p.mlflow, p.evaluate, {}, {}, p.paths)
+        evaluate.log_evaluation(p.mlflow, p.evaluate, {}, {}, p.paths, "an-eval-set")
 
 
 # ---------------------------------------------------------------------------------------------- processes

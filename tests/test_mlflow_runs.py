@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import evaluate, tracking, train
+from tasks import evaluate, promote, tracking, train
 from tasks.files import read_json
 from tasks.hashing import dir_hash
 from tasks.log import PipelineError
@@ -135,6 +135,7 @@ def test_evaluate_stands_alone_with_another_store(trained, tmp_path, monkeypatch
     p.paths.eval_metrics.unlink()
     report = in_flow(evaluate.run, p.evaluate, p.qa, p.mlflow, p.paths)
     assert json.loads(p.paths.eval_metrics.read_text()) == report
+    in_flow(promote.run, p.mlflow, p.evaluate, p.paths)
     _, client, exp_id = tracking.open_store(p.mlflow)
     (r,) = runs(client, exp_id, "evaluate")
     assert r.data.tags["papertune.adapter_run_id"] == "not in this store"
@@ -173,6 +174,7 @@ def test_a_champion_scored_on_another_eval_set_is_rescored_before_comparing(trai
     q = moved_outputs(p, tmp_path, mlflow=cfg, train=p.train.model_copy(update={"seed": 1}))
     in_flow(train.run, q.train, q.mlflow, q.paths, q)
     in_flow(evaluate.run, q.evaluate, q.qa, q.mlflow, q.paths)
+    decision = in_flow(promote.run, q.mlflow, q.evaluate, q.paths)
 
     _, client, rescoring = tracking.open_store(cfg)
     (ev,) = runs(client, rescoring, "evaluate")
@@ -182,6 +184,10 @@ def test_a_champion_scored_on_another_eval_set_is_rescored_before_comparing(trai
     assert rescored["n"] == 8 and 0 <= rescored["rougeL_ci95"][0] <= rescored["rougeL_ci95"][1] <= 1
     new = tracking.version_of(client, cfg, dir_hash(q.paths.adapter))
     assert f"champion v{old.version}'s ({tracking.fmt(rescored)})" in new.description
+    # The promote stage's own record (paths.promotion) says the same as the registry.
+    record = json.loads(q.paths.promotion.read_text())
+    assert record["decision"] == decision["decision"] == new.tags["papertune.promotion"]
+    assert record["papertune.champion_rescored"] == ev.data.tags["papertune.champion_rescored"]
 
 
 def moved_outputs(p, tmp_path, **updates):

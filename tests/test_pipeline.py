@@ -42,6 +42,59 @@ def project_copy(tmp_path, edits: dict) -> tuple:
     return work, env
 
 
+def _edited_leaf(node, key_path: list[str]):
+    """params with one leaf under `key_path` changed (the first leaf found: a number, a string, a flag, a list)."""
+    for k in key_path:
+        parent, last, node = node, k, node[k]
+    while isinstance(node, dict) and node:
+        parent, last = node, next(iter(node))
+        node = node[last]
+    parent[last] = (not node if isinstance(node, bool) else node + 1 if isinstance(node, (int, float))
+                    else node + ["x"] if isinstance(node, list) else f"{node}x" if isinstance(node, str) else "x")
+
+
+def stages_changed_by_each_input(work) -> list[tuple[str, set[str], set[str]]]:
+    """Change every input tasks/stages.py declares (each code file, data path and params key), one at a time, and
+    ask DVC which stages it finds changed; each change is undone before the next. Returns (input, expected, found)
+    for every input: expected are the stages that declare it as an input, and the stage that writes it."""
+    from dvc.repo import Repo
+
+    from tasks.stages import PARAMS, STAGES
+
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    paths = params["paths"]
+    inputs: dict[str, set[str]] = {}
+    for s in [PARAMS, *STAGES]:
+        for key in [*s.code(), *(f"paths.{d}" for d in s.deps + (() if s is PARAMS else ("params_check",))),
+                    *(f"params.{k}" for k in s.params), *(["params.yaml"] if s is PARAMS else [])]:
+            inputs.setdefault(key, set()).add(s.name)
+        for out in s.writes:
+            inputs.setdefault(f"paths.{out}", set()).add(s.name)  # an edited output: its stage reruns to restore it
+    results = []
+    for key, expected in inputs.items():
+        if key.startswith("params."):
+            edited = yaml.safe_load((work / "params.yaml").read_text())
+            _edited_leaf(edited, key.removeprefix("params.").split(".")) if key != "params.yaml" else None
+            target, new = work / "params.yaml", yaml.safe_dump(edited, sort_keys=False) + "# edited\n"
+            expected = expected | {"params"}  # params.yaml is the params stage's dep: any edit validates it again
+        else:
+            target = work / (paths[key.removeprefix("paths.")] if key.startswith("paths.") else key)
+            new = None
+        if target.is_dir():
+            (target / "zz-edited.txt").write_text("edited\n")
+            found = set(Repo(str(work)).status())
+            (target / "zz-edited.txt").unlink()
+        else:
+            old = target.read_bytes()
+            target.write_bytes(new.encode() if new else old + b"\n")
+            try:
+                found = set(Repo(str(work)).status())
+            finally:
+                target.write_bytes(old)
+        results.append((key, expected, found))
+    return results
+
+
 def run(cmd: list[str], cwd, env, timeout=900) -> str:
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
@@ -63,7 +116,7 @@ def test_dvc_repro_reproduces_the_default_run_and_reruns_only_what_changed(tmp_p
                                         "evaluate.bootstrap_samples": 200})
     dvc = [os.path.join(os.path.dirname(sys.executable), "dvc")]
     first = run(dvc + ["repro"], work, env)
-    for stage in ("params", "ingest", "base_model", "chunk", "qa", "split", "export", "train", "evaluate"):
+    for stage in ("params", "ingest", "base_model", "chunk", "qa", "split", "export", "train", "evaluate", "promote"):
         assert f"Running stage '{stage}'" in first
     assert "evaluate closed_book: ROUGE-L base" in first
     # The data half, the converted base model included, is what the committed dvc.lock says, to the byte, on any
@@ -127,7 +180,21 @@ def test_dvc_repro_reproduces_the_default_run_and_reruns_only_what_changed(tmp_p
                     "models:/papertune-adapter@champion", "--env-manager", "local", "--host", "127.0.0.1",
                     "--port", str(port)], tmp_path / "serve.log", cwd=work, env=env)
     try:
+        # Every input each stage declares (tasks/stages.py), changed in turn: DVC finds exactly the stages that
+        # read it changed (and the one that writes it); an edit of the infrastructure (logging, the runner, the
+        # item cache, MLflow tracking) changes none.
+        for key, expected, found in stages_changed_by_each_input(work):
+            assert found == expected, (key, expected, found)
+        from dvc.repo import Repo
+
+        for infrastructure in ("tasks/log.py", "tasks/runner.py", "tasks/cache.py", "tasks/tracking.py"):
+            source = (work / infrastructure).read_text()
+            (work / infrastructure).write_text(source + "\n# edited\n")
+            assert not Repo(str(work)).status(), infrastructure
+            (work / infrastructure).write_text(source)
         assert "Data and pipelines are up to date" in run(dvc + ["repro"], work, env)
+        # The champion alias the promote stage set (first version: no champion before), and its record.
+        assert json.loads((work / "metrics" / "promotion.json").read_text())["decision"].startswith("champion: ")
 
         # A qa param re-runs qa (and, as its output changes, what follows), not ingest, base_model or chunk. A dry
         # run says which stages DVC finds changed without running them (a real rerun would train again).
