@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.scale import status_mb  # noqa: E402
-from tasks import base_model, train  # noqa: E402
+from tasks import base_model, train, training_data  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 
 # Qwen2.5-0.5B's shape (494M parameters with tied embeddings); every linear output a multiple of 32.
@@ -54,7 +54,7 @@ def heldout_loss(model, tokenizer, p) -> float:
     model.eval()
     losses = []
     with torch.no_grad():
-        for row in train.load_split(p.paths.eval_split, tokenizer, p.train):
+        for row in training_data.load_split(p.paths.eval_split, tokenizer, p.train):
             out = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]]))
             losses.append(float(out.loss))
     return sum(losses) / len(losses)
@@ -68,8 +68,8 @@ def throughput(p, steps: int, packed: bool) -> dict:
     cfg = p.train.model_copy(update={"max_steps": steps, "packing": packed,
                                      **({} if packed else {"lora_layers": 0})})
     if packed:  # the pipeline's own path
-        ds = train.load_split(p.paths.train_split, tokenizer, cfg)
-        collate = train.collator(tokenizer, True, cfg.max_seq_length)
+        ds = training_data.load_split(p.paths.train_split, tokenizer, cfg)
+        collate = training_data.collator(tokenizer, True, cfg.max_seq_length)
     else:  # the plain recipe: prompt + answer as one text, padded to max_seq_length, loss everywhere
         from datasets import load_dataset
 

@@ -136,9 +136,9 @@ def in_flow(fn, *args, **kwargs):
 def crash_training_at(monkeypatch, step: int) -> None:
     """Training raises RuntimeError("simulated crash") at the end of optimizer step `step`, after the checkpoints
     of the steps before it are saved (as a crash or a kill would leave them); the test's end restores it."""
-    from tasks import train
+    from tasks import tracking
 
-    original = train.make_callback
+    original = tracking.loss_callback
 
     def crashing(mlflow):
         callback = original(mlflow)
@@ -150,7 +150,7 @@ def crash_training_at(monkeypatch, step: int) -> None:
         callback.on_step_end = on_step_end
         return callback
 
-    monkeypatch.setattr(train, "make_callback", crashing)
+    monkeypatch.setattr(tracking, "loss_callback", crashing)
 
 
 def write_params(p: Params, path: Path) -> Path:

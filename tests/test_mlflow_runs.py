@@ -205,11 +205,11 @@ def test_a_crashed_training_is_failed_and_its_resumption_is_a_new_linked_run(tra
     p, *_ = trained
     cfg = p.mlflow.model_copy(update={"experiment_name": "resume", "registered_model": "resume-adapter"})
     q = moved_outputs(p, tmp_path, mlflow=cfg, train=p.train.model_copy(update={"seed": 2}))
-    original = train.make_callback
+    original = tracking.loss_callback
     crash_training_at(monkeypatch, 6)
     with pytest.raises(RuntimeError, match="simulated crash"):
         in_flow(train.run, q.train, q.mlflow, q.paths, q)
-    monkeypatch.setattr(train, "make_callback", original)
+    monkeypatch.setattr(tracking, "loss_callback", original)
     in_flow(train.run, q.train, q.mlflow, q.paths, q)
 
     _, client, exp_id = tracking.open_store(cfg)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import adapter, base_model, evaluate, scores, train
+from tasks import adapter, base_model, evaluate, scores, tracking, train, training_data
 from tasks.files import read_json, read_jsonl
 from tasks.log import PipelineError
 from tests.conftest import crash_training_at, data_half, in_flow, make_params
@@ -25,8 +25,8 @@ def data(tmp_path_factory):
 def batch(p, n=4):
     tokenizer = base_model.load_tokenizer(p.paths.base_model)
     rows = read_jsonl(p.paths.train_split)[:n]
-    examples = [train.encode(r, tokenizer, p.train) for r in rows]
-    return train.collator(tokenizer, True, p.train.max_seq_length)(examples)
+    examples = [training_data.encode(r, tokenizer, p.train) for r in rows]
+    return training_data.collator(tokenizer, True, p.train.max_seq_length)(examples)
 
 
 def repeat_one_batch(model, data, steps=8) -> list[float]:
@@ -77,11 +77,11 @@ def test_train_loss_falls_and_adapter_reloads_identically(data, tmp_path):
     torch.manual_seed(0)
     model = train.lora_model(data.paths.base_model, data.train)
     tokenizer = base_model.load_tokenizer(data.paths.base_model)
-    ds = train.load_split(data.paths.train_split, tokenizer, data.train)
+    ds = training_data.load_split(data.paths.train_split, tokenizer, data.train)
     args = train.training_arguments(data.train.model_copy(update={"max_steps": 40}),
                                     tmp_path / "ckpt", cuda=False)
     trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds.select(range(8)),
-                      data_collator=train.collator(tokenizer, True, data.train.max_seq_length))
+                      data_collator=training_data.collator(tokenizer, True, data.train.max_seq_length))
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0] - 0.5, losses
@@ -101,7 +101,7 @@ def test_train_loss_falls_and_adapter_reloads_identically(data, tmp_path):
 
 @slow
 def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
-    original = train.make_callback
+    original = tracking.loss_callback
     crash_training_at(monkeypatch, 15)
     with pytest.raises(RuntimeError, match="simulated crash"):
         in_flow(train.run, data.train, data.mlflow, data.paths, data)
@@ -109,7 +109,7 @@ def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
     assert not data.paths.adapter.exists()  # nothing half-written where the adapter goes
     first_run = read_json(data.paths.checkpoints / "papertune_run.json")["mlflow_run_id"]
 
-    monkeypatch.setattr(train, "make_callback", original)
+    monkeypatch.setattr(tracking, "loss_callback", original)
     with caplog.at_level("INFO"):
         metrics = in_flow(train.run, data.train, data.mlflow, data.paths, data)
     assert any("resuming from" in m and "checkpoint-10" in m for m in caplog.messages)
@@ -193,7 +193,7 @@ def test_chat_template_prompt_masks_everything_but_the_answer(data):
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
     prompt = adapter.build_prompt(templated, "What is LoRA?", data.train.prompt_template, "Be brief.")
     assert prompt == "<system>Be brief.\n<user>What is LoRA?\n<assistant>"
-    ex = train.tokenize_pair(templated, prompt, "A low-rank update.", 64)
+    ex = training_data.tokenize_pair(templated, prompt, "A low-rank update.", 64)
     n_prompt = len(templated(prompt, add_special_tokens=False)["input_ids"])
     assert ex["labels"][:n_prompt] == [-100] * n_prompt
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
@@ -270,20 +270,20 @@ def test_reading_all_reads_held_out_text_but_trains_only_training_qa(params):
     cfg = params.train.model_copy(update={"read_documents": "all", "reading_sentences": True, "reading_shuffles": 1,
                                           "qa_repeats": 2, "data_order": "qa_first",
                                           "reading_repeats": len(params.train.reading_questions)})
-    read = train.documents_to_read(cfg, CHUNKS, PAIRS)
+    read = training_data.documents_to_read(cfg, CHUNKS, PAIRS)
     assert [d["title"] for d in read] == ["Paper a", "Paper b"]  # b has no training pair: read all the same
-    assert train.documents_to_read(cfg.model_copy(update={"read_documents": "train"}), CHUNKS, PAIRS) == read[:1]
-    assert train.documents_to_read(cfg.model_copy(update={"read_documents": "none"}), CHUNKS, PAIRS) == []
-    passages = train.reading_passages(CHUNKS[0], cfg, __import__("random").Random(0))
+    assert training_data.documents_to_read(cfg.model_copy(update={"read_documents": "train"}), CHUNKS, PAIRS) == read[:1]
+    assert training_data.documents_to_read(cfg.model_copy(update={"read_documents": "none"}), CHUNKS, PAIRS) == []
+    passages = training_data.reading_passages(CHUNKS[0], cfg, __import__("random").Random(0))
     assert passages[0] == CHUNKS[0]["text"] and "It freezes the base." in passages
     assert len(passages) == 1 + 3 + 1  # chunk, its 3 sentences, one shuffled copy
-    assert train.reading_passages(CHUNKS[1], cfg, __import__("random").Random(0)) == [CHUNKS[1]["text"]]  # a table
+    assert training_data.reading_passages(CHUNKS[1], cfg, __import__("random").Random(0)) == [CHUNKS[1]["text"]]  # a table
     # Each passage is the answer to each reading question, in the QA prompt format (params.yaml's questions).
     tok, questions = _Tok(), cfg.reading_questions
-    examples = train.read_examples(CHUNKS[0], 1, cfg, tok, __import__("random").Random(0))
+    examples = training_data.read_examples(CHUNKS[0], 1, cfg, tok, __import__("random").Random(0))
     assert len(examples) == 5 * len(questions) >= 2
     # reading_repeats draws that many of the phrasings per chunk: each passage read twice, under two of them
-    two = train.read_examples(CHUNKS[0], 1, cfg.model_copy(update={"reading_repeats": 2}), tok,
+    two = training_data.read_examples(CHUNKS[0], 1, cfg.model_copy(update={"reading_repeats": 2}), tok,
                               __import__("random").Random(0))
     assert len(two) == 5 * 2 and len({tuple(e["input_ids"][:len(e["input_ids"]) - len(tok(
         CHUNKS[0]["text"])["input_ids"]) - 1]) for e in two[:2]}) == 2
@@ -292,7 +292,7 @@ def test_reading_all_reads_held_out_text_but_trains_only_training_qa(params):
     n = len(prompt["input_ids"])  # the loss covers every token of the passage (and EOS), none of the prompt
     first = next(e for e in examples if e["input_ids"][:n] == prompt["input_ids"])
     assert first["labels"] == [-100] * n + first["input_ids"][n:]
-    examples, counts = train.training_examples(cfg, tok, PAIRS, CHUNKS, read)
+    examples, counts = training_data.training_examples(cfg, tok, PAIRS, CHUNKS, read)
     assert counts == {"qa_examples": 2, "reading_examples": 2 * (5 + 1) * len(questions)}
     # A section's second chunk is its part 2: the plain question keeps one answer, the section's opening.
     part2 = tok(cfg.prompt_template.format(question=questions[0].format(title="Paper a", section="Method, part 2")))
@@ -300,6 +300,6 @@ def test_reading_all_reads_held_out_text_but_trains_only_training_qa(params):
     assert part2["input_ids"] + table in [e["input_ids"] for e in examples]
     assert prompt["input_ids"] + table not in [e["input_ids"] for e in examples]
     # qa_first: the QA examples (2 copies of the pair) come before any reading example.
-    qa_ids = train.encode(PAIRS[0], tok, cfg)["input_ids"]
+    qa_ids = training_data.encode(PAIRS[0], tok, cfg)["input_ids"]
     assert [e["input_ids"] for e in examples[:2]] == [qa_ids, qa_ids]
     assert qa_ids not in [e["input_ids"] for e in examples[2:]]
