@@ -237,6 +237,14 @@ def test_a_section_is_answered_by_its_opening_when_it_reads_as_prose():
      "garbled_answer"),  # a math italic letter read through a font without a Unicode map
     ('What does "P" find about ICDPO?', "We show that ICDPO equipped with R yields notable improvement overall.",
      "answer_needs_context"),  # a variable
+    ('What is the section "Introduction" of "P" about?', "The recent literature has seen much activity in building "
+     "models that 1Unless otherwise specified, our comparisons are with the text-davinci-001 engine.",
+     "garbled_answer"),  # a footnote run into the sentence
+    ('In "P", what is the implicit reward formulated using?', "In DPO, the implicit reward is formulated using the log "
+     "ratio of the likelihood of a response between the policy model and ∗Equal Contribution.", "garbled_answer"),
+    ('According to "P", what does ORPO introduce?', "ORPO [40]7 introduces an odds ratio term to contrast winning and "
+     "losing responses.", "garbled_answer"),  # a footnote mark after a citation
+    ('What does "P" say about Llama 2?', "Llama 2 7B and 13B models are trained on 2T tokens of public data.", None),
     ('What does "P" find about GPT-4?', "GPT-4 responses are on an average 1.5× longer than those of ChatGPT.", None),
     ('In "P", what is Microsoft?', "Microsoft is a huge company, and they could help you take the product further.",
      "example_answer"),
