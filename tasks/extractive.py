@@ -143,7 +143,7 @@ _ANY_VERB = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>[a-z]{{3,}}s)\s
 # Not verbs, or verbs that take no object ("P-tuning appears promising": what does it appear?)
 _NOT_VERBS = set("""is has was does its this thus plus across versus always perhaps less unless as us various
 previous serious numerous focus bias corpus status appears seems becomes remains tends fails goes comes lies stays
-looks results leads endows models outputs inputs responses samples settings tasks""".split())
+looks results leads endows puts places models outputs inputs responses samples settings tasks""".split())
 _PROPOSE = re.compile(r"\b(?:we|this paper|this work)\s+(?:propose|introduce|present|describe)s?\b", re.I)
 _ABBREVIATION = re.compile(r"(?P<long>(?:[\w\-]+\s+){1,7}?[\w\-]+)\s+\((?P<short>[A-Z][A-Za-z0-9\-]*[A-Z][a-z]?s?)\)")
 _FUNCTION_WORDS = {"of", "for", "from", "with", "and", "the", "a", "an", "to", "in", "on", "via", "by"}
@@ -234,7 +234,7 @@ def _name(phrase: str, names: tuple[Counter, str, set[str]]) -> str | None:
     if 2 <= len(words) <= 4 and all(w.islower() for w in words[1:]) and first[1:].islower():
         # "Instruction tuning is ...": a concept the paper keeps using, else a passing phrase ("Genie offers
         # flexibility and ...", run up to the next verb)
-        concept = first not in _NOT_NAMES and words[-1] not in _FUNCTION_WORDS and words[0] != "Future"
+        concept = first not in _NOT_NAMES | _WHICH_ONE and words[-1] not in _FUNCTION_WORDS
         return phrase.lower() if concept and names[1].count(phrase.lower()) >= 3 else None
     # "Considering PET", "Consequently, ...": a gerund or adverb opens the sentence; "P-tuning" is a name.
     if first in _NOT_NAMES or len(words) > 5 or sum(ch.isalpha() for ch in first) < 2 or \
@@ -250,6 +250,7 @@ def _name(phrase: str, names: tuple[Counter, str, set[str]]) -> str | None:
     return phrase if distinctive or names[0][first] >= 2 else None
 
 
+_WHICH_ONE = {"Recent", "Previous", "Prior", "Existing", "Future", "Related", "Concurrent"}  # "Recent work": which?
 _AUXILIARIES = set("""do does did is are was were has have had can could may might will would should not also
 only""".split())
 _PARTICLE = {"consist": "consist of", "rely": "rely on"}  # "what does SimPO consist of?"
@@ -335,12 +336,18 @@ def sentence_pairs(sentence: str, paper: str, section: str, names: tuple) -> lis
                 and len(where.split()) <= 6:
             where = where[0].lower() + where[1:]
             claims = [(k, q[:-1] + f" {where}?" if not q.startswith("How do") else q, a) for k, q, a in claims]
+    if not claims and (m := _APPOSITIVE.match(sentence)) and not sentence.startswith("We "):
+        claims = claim_pairs(f"{m['subj']} {sentence[m.end():]}", answer, paper, "", names)
     return out + claims
 
 
 # A leading phrase set off by a comma before the subject: "In contrast to X, ", "For ARC and HellaSwag, ".
 _LEADING = re.compile(r"^(?:In|On|For|With|Compared (?:to|with)|Unlike|Similar to|Following|Beyond|Across|Among|"
-                      r"At|After|During|Under|Despite|As in|As with|Due to|Based on|In contrast to)\s[^,;:]{2,60},\s+")
+                      r"At|After|During|Under|Despite|As in|As with|Due to|Based on|In contrast to|While|Although|"
+                      r"Though|Whereas|Since|Because)\s[^,;:]{2,60},\s+")
+# A phrase set off by commas after the subject: "The system message, placed at the start of the prompt, provides".
+_APPOSITIVE = re.compile(r"^(?P<subj>(?:\S+\s){0,3}[^\s,]+), (?!and\b|or\b|but\b|which\b|who\b)[^,;:()]{3,80}, "
+                         r"(?=[a-z])")
 
 
 def claim_pairs(sentence: str, answer: str, paper: str, section: str, names: tuple) -> list[tuple[str, str, str]]:
@@ -378,8 +385,9 @@ def claim_pairs(sentence: str, answer: str, paper: str, section: str, names: tup
     elif (m := _PURPOSE.match(sentence)) and not _DEIXIS.search(m["goal"]):
         goal = re.sub(r"\bour\b", "their", m["goal"])
         out.append(("method", f"How do the authors of {paper} {goal}?", answer))
+    # "to ensure their faithfulness": in the question "their" would be the authors'
     elif (m := _ACTION_PURPOSE.match(sentence)) and not _DEIXIS.search(m["goal"]) and not _CLAUSE.search(m["obj"]) \
-            and len(m["goal"].split()) <= 10:
+            and len(m["goal"].split()) <= 10 and not re.search(r"\btheir\b", m["goal"]):
         goal = re.sub(r"\bour\b", "their", m["goal"])
         out.append(("method", f"How do the authors of {paper} {goal}?", answer))
     elif (m := _GERUND_CLAIM.match(sentence)) and not _DEIXIS.search(m["subj"]):

@@ -147,7 +147,7 @@ _FIGURE_PART = re.compile(r"\b(?:the|a|an)\s+(?:\w+\s+){0,2}?(?:line|curve|bar|m
 # benchmark", "The two models are ..."; "this paper/work/section" is the paper the question names.
 _BACK_REFERENCE = re.compile(
     r"\b(?:these|those)\s+(?!are\b|were\b|include\b|of\b)[a-z]+|\b(?:the above|above-mentioned|aforementioned|"
-    r"the former|the latter|of this nature|(?:the|these) (?:two|three|four) (?!of\b)[a-z]+)\b|"
+    r"the former|the latter|of this nature|(?:the|these) (?:other )?(?:two|three|four) (?!of\b)[a-z]+)\b|"
     r"\bthis (?!paper|work|study|section|article|end\b|way\b)[a-z]+|"
     r"\b(?:a|the) (?:value|score) of [-+]?\d", re.I)  # "a correlation with a value of 0.83": of what?
 # A formula's symbol is never explained by the sentence that uses it: "λ", "DL = ∅", "W0 and BA are in R d×k".

@@ -244,6 +244,8 @@ def test_a_section_is_answered_by_its_opening_when_it_reads_as_prose():
      "ratio of the likelihood of a response between the policy model and ∗Equal Contribution.", "garbled_answer"),
     ('According to "P", what does ORPO introduce?', "ORPO [40]7 introduces an odds ratio term to contrast winning and "
      "losing responses.", "garbled_answer"),  # a footnote mark after a citation
+    ('According to "P", what does Alpaca outperform?', "In terms of the average ROUGE-L scores, Alpaca outperforms "
+     "the other two models.", "answer_needs_context"),  # which two?
     ('What does "P" say about Llama 2?', "Llama 2 7B and 13B models are trained on 2T tokens of public data.", None),
     ('What does "P" find about GPT-4?', "GPT-4 responses are on an average 1.5× longer than those of ChatGPT.", None),
     ('In "P", what is Microsoft?', "Microsoft is a huge company, and they could help you take the product further.",
@@ -293,17 +295,22 @@ def test_extractive_asks_about_claims_behind_openers_citations_leading_phrases_a
             "We adopt the automatic evaluation framework proposed by Vicuna to assess the performance of chatbots.",
             "Combining the task definition with positive demonstration examples yields further improvement.",
             "Our pipeline generates instruction, input, and output samples from a language model, then prunes them.",
-            "In P, what can the position bias be addressed by?"]
+            "In P, what can the position bias be addressed by?",
+            "The system message, placed at the start of the prompt, provides the model with essential context.",
+            "While the training cost of full-length fine-tuning grows fast, PoSE only requires a fixed quota of memory."]
     junk = ["We hope future work will hash out such details to better understand the pros and cons of it all.",
             "We further study how the generated instructions differ from the seed instructions that are used to "
             "prompt the generation.",
             "Fine-tuning LLaMA models using PoSE, we experimented with three interpolation methods for long inputs.",
             "Our results are presented in Table 4 for each of the three datasets and all of the model sizes.",
             "P-tuning appears promising in automatically searching better prompts with far fewer hand-crafts.",
-            "Genie offers flexibility and can generate synthetic data for different domains and many tasks."]
-    good[-1] = "The position bias can be addressed by simple solutions such as swapping the two answers."
-    # a concept the paper uses three times; a name it writes twice mid-sentence
-    concept = "The position bias is strong. We measure the position bias. Humans show no position bias, nor P-tuning."
+            "Genie offers flexibility and can generate synthetic data for different domains and many tasks.",
+            "We use a lightweight classifier on the outputs to ensure their faithfulness and quality.",
+            "P-tuning puts initial prompt embeddings in different positions within the patterns."]
+    good[7] = "The position bias can be addressed by simple solutions such as swapping the two answers."
+    # concepts the paper uses three times; a name it writes twice mid-sentence
+    concept = ("The position bias is strong. We measure the position bias. Humans show no position bias, nor P-tuning. "
+               "We change the system message. Each system message is short.")
     chunks = [_chunk(" ".join(good) + " " + concept, 0), _chunk(" ".join(junk), 1, "4 Results")]
     asked = {p["question"].replace('"SimPO: Simple Preference Optimization"', "P"): p["answer"]
              for p in extractive.extractive_document(chunks) if p["kind"] != "section"}
@@ -316,6 +323,8 @@ def test_extractive_asks_about_claims_behind_openers_citations_leading_phrases_a
         "According to P, what does combining the task definition with positive demonstration examples yield?": good[5],
         "According to P, what does the authors' pipeline generate?": good[6],
         "In P, what can the position bias be addressed by?": good[7],
+        "According to P, what does the system message provide?": good[8],
+        "According to P, what does PoSE require?": good[9],
     }
     assert {q: asked.get(q) for q in expected} == expected
     assert not [q for q, a in asked.items() if a in junk], asked
