@@ -58,7 +58,9 @@ def read_lines(doc: pymupdf.Document) -> tuple[list[list[dict]], list[str], int,
                 spans = [s for s in line["spans"] if s["text"].strip()]
                 if not spans:
                     continue
-                text = clean("".join(s["text"] for s in line["spans"]))
+                text = clean("".join(s["text"] for i, s in enumerate(line["spans"])
+                                     if not (i and s["flags"] & pymupdf.TEXT_FONT_SUPERSCRIPT
+                                             and note_mark(s, line["spans"][i - 1]))))
                 if not text:
                     continue
                 if line["dir"][0] < 0.99:  # rotated: the arXiv stamp, axis labels; never body text
@@ -85,6 +87,16 @@ def read_lines(doc: pymupdf.Document) -> tuple[list[list[dict]], list[str], int,
         pages.append(join_numbers(lines))
     body = dict(size=sizes.most_common(1)[0][0] if sizes else 10.0, font=fonts.most_common(1)[0][0] if fonts else "")
     return pages, rotated, rotated_chars, body
+
+
+def note_mark(span: dict, before: dict) -> bool:
+    """A footnote's mark in running text, dropped from it: 1-2 digits or a dagger set raised and smaller after a
+    word or its punctuation ("API11 to collect", "applications.1 P-tuning"); an exponent follows a digit ("10^3")."""
+    return span["size"] < 0.9 * before["size"] and before["text"][-1:] in _MARKED \
+        and FOOTNOTE_MARK_RE.fullmatch(span["text"].strip()) is not None
+
+
+_MARKED = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:)’'\"”")
 
 
 def join_numbers(lines: list[dict]) -> list[dict]:
