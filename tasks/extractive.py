@@ -127,6 +127,10 @@ _WE_DO = re.compile(r"^We (?:also |further |first |then |additionally )?(?P<verb
                     r"collect|generate|sample|filter|conduct|annotate|prompt|insert|add|extend|scale|measure|report)"
                     r"(?:d|ed)? (?P<obj>[\w\-.]+(?: [\w\-.]+){0,4}?) (?P<prep>on|with|to|against|using|as|for|from|"
                     r"into) (?P<rest>[\w\-])")
+# "We conduct experiments to measure ...": "to" opens a purpose, not the object's complement ("apply X to Y")
+_INFINITIVE = re.compile(r"(?!(?:the|a|an|our|their|its|each|every|all|both|any|some|this|these|that|those)\b)"
+                         r"[a-z]+\b(?! of\b)")
+_TO_OBJECT = {"compare", "apply", "set", "add", "insert", "extend", "scale"}  # "compare X to human judgments"
 _FOR = re.compile(r"^For (?P<x>[a-zA-Z][^,;]{2,50}), we (?:also )?(?P<verb>use|adopt|employ|follow|set|choose|select|"
                   r"apply|report|consider|train|evaluate|sample|collect)\b")
 # "our default training method", "the same hyperparameters": what they are is said elsewhere.
@@ -141,6 +145,19 @@ _BY = re.compile(r"^We (?:also |further |first |then |additionally |\w+ly )?(?P<
 _ANY_VERB = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>[a-z]{{3,}}s)\s+(?:a|an|the|its|their|both|all|"
                        rf"several|multiple|two|three|[a-z]+(?:ed|ing|al|ive|ous|ic)|[A-Z][\w\-]*)\s")
 # Not verbs, or verbs that take no object ("P-tuning appears promising": what does it appear?)
+# "MT-bench is designed to test multi-turn conversation ..." → "In <paper>, what is MT-bench designed to do?"
+_DESIGNED = re.compile(rf"^(?P<subj>{_NAME})\s+(?P<be>is|are|was|were)\s+{_ADVERB}(?P<part>designed|used|trained|"
+                       r"built|developed|intended|meant|constructed|optimized|fine-tuned|finetuned)\s+to\s+"
+                       r"(?!the\b|a\b|an\b)[a-z]+\s")
+# "SimPO is more memory and compute-efficient than DPO.", "GPT-4 tends to generate longer sequences than GPT-3.5",
+# "DPO lags behind SimPO in ..." → "how does SimPO compare with DPO?": two names the sentence compares.
+_THAN = re.compile(rf"^(?P<subj>{_NAME})\s+(?:(?:is|are|was|were|performs|tends to|lags behind)\b[^,;:()]{{0,60}}?"
+                   rf"(?:\b(?:more|less|fewer|better|worse)\b|(?!other\b|rather\b)\w{{2,}}er\b)[^,;:()]{{0,40}}?\bthan|"
+                   rf"lags behind)\s+"
+                   rf"(?P<other>{_NAME})\b")
+# "PoSE simulates long inputs by manipulating position indices" → "how does PoSE simulate long inputs?"
+_BY_MEANS = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>[a-z]{{3,}}s)\s+"
+                       r"(?P<obj>[a-z][\w\-]*(?:\s[\w\-]+){0,5}?)\s+by\s+[a-z]+ing\b")
 _NOT_VERBS = set("""is has was does its this thus plus across versus always perhaps less unless as us various
 previous serious numerous focus bias corpus status appears seems becomes remains tends fails goes comes lies stays
 looks results leads endows puts places models outputs inputs responses samples settings tasks""".split())
@@ -161,6 +178,11 @@ _EXAMPLE = re.compile(r"\bPrompt format\b|\bExample prompt\b|\bDataset features\
 _POINTER = re.compile(r"\b(?:(?:shown|described|listed|given|discussed|explained|detailed|defined|presented|see|as)"
                       r" below|below(?=\s*[.:;,)])|as follows|the following|aforementioned|in more detail)\b", re.I)
 _NUMBER = re.compile(r"^[\d.,%±()\-–]+$")
+# A finite verb, or a subject that has one ("we use"): "Impact of γ on the reward distribution." and "PoSE
+# fine-tuning for extending the context window size from 2,048 to 8,192." have none, "Use the word in a
+# sentence." (an instruction in an example) neither.
+_FINITE = re.compile(r"(?i:\b(?:is|are|was|were|be|been|has|have|had|can|cannot|could|may|might|will|would|"
+                     r"should|must|does|do|did|we|they|it[’']s)\b)|\b[a-z]{2,}(?:ed|s)\b")
 _CITATIONS = re.compile(r"\[\d+(?:\s*[,–-]\s*\d+)+\]")  # "[10, 17, 22]", "[12,49]", "[4–6]"
 
 
@@ -186,6 +208,10 @@ def prose(sentence: str) -> bool:
     if ":" in " ".join(words[:5]) or re.match(r"(?:[A-Z]|\d+)\.\d", sentence):  # a label, or a heading run in
         return False
     if sum(w.islower() for w in words) < 0.4 * len(words):  # a run of names and numbers from a figure, not prose
+        return False
+    if re.search(r"(?:[A-Z][\w\-]* \d+\.\d+ \*? ?){2}", sentence):  # a table's row: "BERT-base 48.3 BERT-large 50.6"
+        return False
+    if not _FINITE.search(sentence):  # no verb: a figure's title, a caption's fragment, an example's instruction
         return False
     letters = sum(ch.isalpha() for ch in sentence)
     # A table row is mostly numbers; a long sentence may give ranges ("900 to 330,000 examples, 2 to 157 classes"),
@@ -382,7 +408,7 @@ def claim_pairs(sentence: str, answer: str, paper: str, section: str, names: tup
             and set(words) - _VAGUE - _FUNCTION_WORDS:  # "the model" is which model? the sentence alone does not say
         verb = m["verb"] if m["verb"] in _HYPOTHESIS else "find"
         out.append(("result", f"What do the authors of {paper} {verb} about {m['np']}?", answer))
-    elif (m := _PURPOSE.match(sentence)) and not _DEIXIS.search(m["goal"]):
+    elif (m := _PURPOSE.match(sentence)) and not _DEIXIS.search(m["goal"]) and " " in m["goal"]:  # "To summarize"
         goal = re.sub(r"\bour\b", "their", m["goal"])
         out.append(("method", f"How do the authors of {paper} {goal}?", answer))
     # "to ensure their faithfulness": in the question "their" would be the authors'
@@ -396,7 +422,9 @@ def claim_pairs(sentence: str, answer: str, paper: str, section: str, names: tup
         kind = "result" if re.search(r"\d", sentence) else "method"
         out.append((kind, f"According to {paper}, what does {subj} {verb}?", answer))
     elif (m := _WE_DO.match(sentence)) and not _DEIXIS.search(m["obj"]) and m["obj"].split()[0] not in ("a", "an") \
-            and not _VAGUE_OBJECT.search(m["obj"]) and "," not in sentence[m.start("rest"):].split(" (")[0][:40]:
+            and not _VAGUE_OBJECT.search(m["obj"]) and "," not in sentence[m.start("rest"):].split(" (")[0][:40] \
+            and not (m["prep"] == "to" and m["verb"] not in _TO_OBJECT
+                     and _INFINITIVE.match(sentence[m.start("rest"):])):
         verb = {"finetune": "fine-tune", "pretrain": "pre-train"}.get(m["verb"], m["verb"])
         if m["verb"] in ("use", "adopt", "employ", "choose", "select"):  # what is used: the object is the answer
             rest = re.sub(r"\bour\b", "their", sentence[m.start("rest"):].rstrip("."))
@@ -406,6 +434,14 @@ def claim_pairs(sentence: str, answer: str, paper: str, section: str, names: tup
             kind = "comparison" if verb == "compare" else "method"
             obj = re.sub(r"\bour\b", "their", m["obj"])
             out.append((kind, f"What do the authors of {paper} {verb} {obj} {m['prep']}?", answer))
+    elif (m := _DESIGNED.match(sentence)) and (subj := _name(m["subj"], names)):
+        out.append(("method", f"In {paper}, what {m['be']} {subj} {m['part']} to do?", answer))
+    elif (m := _THAN.match(sentence)) and (subj := _name(m["subj"], names)) and (other := _name(m["other"], names)) \
+            and subj.lower() != other.lower():
+        out.append(("comparison", f"According to {paper}, how does {subj} compare with {other}?", answer))
+    elif (m := _BY_MEANS.match(sentence)) and m["verb"] not in _NOT_VERBS and not _DEIXIS.search(m["obj"]) \
+            and (subj := _name(m["subj"], names)):
+        out.append(("method", f"According to {paper}, how does {subj} {_base(m['verb'])} {m['obj']}?", answer))
     elif (m := _ANY_VERB.match(sentence)) and m["verb"] not in _NOT_VERBS and (subj := _name(m["subj"], names)):
         verb = _base(m["verb"]) if m["verb"].endswith(("ches", "shes", "sses", "xes")) else \
             m["verb"][:-3] + "y" if m["verb"].endswith("ies") else m["verb"][:-1]
@@ -453,7 +489,9 @@ def topic_pairs(found: dict[str, tuple[int, str, str]], text: str, title: str, p
     before, so a name used once is kept: a baseline or a benchmark is often named in one place only."""
     return [("fact", f"What does {paper} say about {name}?", sentence, chunk_id)
             for name, (_, sentence, chunk_id) in found.items()
+            # "Llama3-" is a name cut at a line end; "BERT-base 48.3" a table's cell
             if name not in title and name not in _GENERIC and not _ADJECTIVE_SUFFIX.search(name)
+            and not name.endswith("-") and not re.search(r" \d+\.\d", name)
             and not (name.isalpha() and name.isupper() and f" {name.lower()} " in text)]
 
 

@@ -161,9 +161,9 @@ _SPEAKER = re.compile(r"(?<![\w-])(?:[Yy]ou|[Yy]ours?|I|[Mm]e|[Mm]y)(?![\w(-])")
 # sentence start inside a sentence ("answers Arkansas The best time"), a letter from a font without Unicode map
 # (a math italic read as Hangul), an accent set loose, an unresolved citation ("2020; ?;"), a cut sentence; a
 # footnote run into the sentence ("building models that 1Unless otherwise specified", "and ∗Equal Contribution.",
-# "ORPO [40]7 introduces").
+# "ORPO [40]7 introduces"), or its text left after the mark ("methods listed in Table 3. ranking losses.").
 _GARBLED = re.compile(r"[a-z]{2,}\.\d{1,2}\s+[A-Z][a-z]|[A-Za-z]{2,} (?:The|We|Our|They|These|Those|It) [a-z]{2,}|"
-                      r"(?<![\w.])\d{1,2}[A-Z][a-z]{2,}|[∗†‡][A-Z][a-z]|\]\d{1,2}\b|"
+                      r"(?<![\w.])\d{1,2}[A-Z][a-z]{2,}|[∗†‡][A-Z][a-z]|\]\d{1,2}\b|\d\.\s[a-z]{3,}|"
                       r"[A-Za-z],\d{1,2}\s|\b[a-z]{4,}\d{1,2}\b|[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]|"
                       r"\s[\u0300-\u036f]|[;(]\s?\?\s?[;)]|(?:\bi\.e|\be\.g|\bet al|\bcf)\.$")
 

@@ -246,6 +246,8 @@ def test_a_section_is_answered_by_its_opening_when_it_reads_as_prose():
      "losing responses.", "garbled_answer"),  # a footnote mark after a citation
     ('According to "P", what does Alpaca outperform?', "In terms of the average ROUGE-L scores, Alpaca outperforms "
      "the other two models.", "answer_needs_context"),  # which two?
+    ('What do the authors of "P" compare SimPO with?', "We compare SimPO with other offline preference optimization "
+     "methods listed in Table 3. ranking losses.", "garbled_answer"),  # a footnote's text left after its mark
     ('What does "P" say about Llama 2?', "Llama 2 7B and 13B models are trained on 2T tokens of public data.", None),
     ('What does "P" find about GPT-4?', "GPT-4 responses are on an average 1.5× longer than those of ChatGPT.", None),
     ('In "P", what is Microsoft?', "Microsoft is a huge company, and they could help you take the product further.",
@@ -328,6 +330,31 @@ def test_extractive_asks_about_claims_behind_openers_citations_leading_phrases_a
     }
     assert {q: asked.get(q) for q in expected} == expected
     assert not [q for q, a in asked.items() if a in junk], asked
+
+
+def test_extractive_asks_what_a_thing_is_designed_for_how_two_compare_and_by_what_means():
+    """"X is designed to ...", "X is more ... than Y" and "X <verb>s ... by <doing>" are asked as such; sentences
+    without a verb (a figure's title, a caption's fragment, an example's instruction), a table's row, a name cut
+    at a line end, "We conduct experiments to ..." and "To summarize, ..." are not."""
+    good = ["MT-Bench is designed to test multi-turn conversation and instruction-following ability of chatbots.",
+            "SimPO is more memory and compute-efficient than DPO in all of the settings we tried.",
+            "PoSE simulates long inputs by manipulating position indices within a fixed context window."]
+    junk = ["Impact of the target reward margin on the reward distribution of SimPO.",
+            "PoSE fine-tuning for extending the context window size from 2,048 to 8,192.",
+            "Use the word SimPO in a sentence and then in another one.",
+            "Discrete P-tuning BERT-base 48.3 BERT-large 50.6 * MegatronLM (11B) is too large for fine-tuning.",
+            "Llama3- Instruct-SimPO gives a detailed and well-formatted answer, which is easier to read.",
+            "We conduct experiments to measure and compare the quality of models under various setups.",
+            "To summarize, we can divide our quantitative evaluations into two separate parts of the paper."]
+    chunks = [_chunk(" ".join(good), 0), _chunk(" ".join(junk), 1, "4 Results")]
+    asked = {p["question"].replace('"SimPO: Simple Preference Optimization"', "P"): p["answer"]
+             for p in extractive.extractive_document(chunks) if p["kind"] != "section"}
+    expected = {"In P, what is MT-Bench designed to do?": good[0],
+                "According to P, how does SimPO compare with DPO?": good[1],
+                "According to P, how does PoSE simulate long inputs?": good[2]}
+    assert {q: asked.get(q) for q in expected} == expected
+    assert not [q for q, a in asked.items() if a in junk], asked
+    assert not extractive.prose(junk[0]) and not extractive.prose(junk[1]) and not extractive.prose(junk[3])
 
 
 def test_section_questions_are_at_most_their_share_of_a_documents_pairs(tmp_path):
