@@ -144,7 +144,6 @@ _BY = re.compile(r"^We (?:also |further |first |then |additionally |\w+ly )?(?P<
 # "MiniGPT-4 connects a frozen visual encoder ..." with a verb no list foresees: the object follows at once.
 _ANY_VERB = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>[a-z]{{3,}}s)\s+(?:a|an|the|its|their|both|all|"
                        rf"several|multiple|two|three|[a-z]+(?:ed|ing|al|ive|ous|ic)|[A-Z][\w\-]*)\s")
-# Not verbs, or verbs that take no object ("P-tuning appears promising": what does it appear?)
 # "MT-bench is designed to test multi-turn conversation ..." → "In <paper>, what is MT-bench designed to do?"
 _DESIGNED = re.compile(rf"^(?P<subj>{_NAME})\s+(?P<be>is|are|was|were)\s+{_ADVERB}(?P<part>designed|used|trained|"
                        r"built|developed|intended|meant|constructed|optimized|fine-tuned|finetuned)\s+to\s+"
@@ -158,6 +157,7 @@ _THAN = re.compile(rf"^(?P<subj>{_NAME})\s+(?:(?:is|are|was|were|performs|tends 
 # "PoSE simulates long inputs by manipulating position indices" → "how does PoSE simulate long inputs?"
 _BY_MEANS = re.compile(rf"^(?P<subj>{_NAME})\s+{_ADVERB}(?P<verb>[a-z]{{3,}}s)\s+"
                        r"(?P<obj>[a-z][\w\-]*(?:\s[\w\-]+){0,5}?)\s+by\s+[a-z]+ing\b")
+# Not verbs, or verbs that take no object ("P-tuning appears promising": what does it appear?)
 _NOT_VERBS = set("""is has was does its this thus plus across versus always perhaps less unless as us various
 previous serious numerous focus bias corpus status appears seems becomes remains tends fails goes comes lies stays
 looks results leads endows puts places models outputs inputs responses samples settings tasks""".split())
