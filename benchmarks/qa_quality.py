@@ -74,8 +74,7 @@ def read_labels(seed: int) -> dict[tuple[str, str], dict]:
     labels = {}
     for f in sorted(LABELS.glob("*.jsonl")):
         for line in f.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
+            if line.strip() and (rec := json.loads(line))["acceptable"] is not None:  # a written draw not yet labelled
                 key = (rec["question"], rec["answer"])
                 if key not in labels or rec["seed"] == seed:
                     labels[key] = rec

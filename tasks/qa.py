@@ -11,11 +11,12 @@ Optional judge (`qa.judge`, same backends): it sees the chunk and the pair and r
 self-containedness and usefulness 1–5; the verdict is stored with the pair and the keep rule is in params.
 Filters, in order: question/answer length, what a careful reader rejects (`reader_problem`: the paper's first
 person in a question, a figure part asked about, an answer whose pointer or symbol it does not explain, broken
-word order, a worked example's dialogue), grounding (ROUGE-L recall of the answer in its chunk), the judge, then
-across the whole dataset MinHash near-duplicate questions, at most `max_pairs_per_chunk` per chunk and section
-questions at most `max_section_share` of a document's pairs; every drop is counted in the QA report. Each document is one Prefect task (the offline backend's cached whole); each
-teacher/judge request is cached on disk (tasks/teacher.py), so a crash loses no reply and changing a filter
-never asks the model again. A run that keeps no pair writes nothing (the previous qa.jsonl stays).
+word order or a footnote run into it, a worked example's dialogue), grounding (ROUGE-L recall of the answer in its
+chunk), the judge, then across the whole dataset MinHash near-duplicate questions, at most `max_pairs_per_chunk`
+per chunk and section questions at most `max_section_share` of a document's pairs; every drop is counted in the QA
+report. Each document is one Prefect task (the offline backend's cached whole); each teacher/judge request is
+cached on disk (tasks/teacher.py), so a crash loses no reply and changing a filter never asks the model again. A
+run that keeps no pair writes nothing (the previous qa.jsonl stays).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ _FIGURE_PART = re.compile(r"\b(?:the|a|an)\s+(?:\w+\s+){0,2}?(?:line|curve|bar|m
 # benchmark", "The two models are ..."; "this paper/work/section" is the paper the question names.
 _BACK_REFERENCE = re.compile(
     r"\b(?:these|those)\s+(?!are\b|were\b|include\b|of\b)[a-z]+|\b(?:the above|above-mentioned|aforementioned|"
-    r"the former|the latter|of this nature|(?:the|these) (?:two|three|four) (?!of\b)[a-z]+)\b|"
+    r"the former|the latter|of this nature|(?:the|these) (?:other )?(?:two|three|four) (?!of\b)[a-z]+)\b|"
     r"\bthis (?!paper|work|study|section|article|end\b|way\b)[a-z]+|"
     r"\b(?:a|the) (?:value|score) of [-+]?\d", re.I)  # "a correlation with a value of 0.83": of what?
 # A formula's symbol is never explained by the sentence that uses it: "λ", "DL = ∅", "W0 and BA are in R d×k".
@@ -157,8 +158,11 @@ _SYMBOL = re.compile(r"[α-ωΑ-Ω∆∅∈∉≤≥≈∑∏∫→←⊂⊆∀�
 _SPEAKER = re.compile(r"(?<![\w-])(?:[Yy]ou|[Yy]ours?|I|[Mm]e|[Mm]y)(?![\w(-])")
 # Broken word order: a footnote mark glued to a word ("model.5 For", "HH-RLHFChatGPT,3 released", "tuning2"), a
 # sentence start inside a sentence ("answers Arkansas The best time"), a letter from a font without Unicode map
-# (a math italic read as Hangul), an accent set loose, an unresolved citation ("2020; ?;"), a cut sentence.
+# (a math italic read as Hangul), an accent set loose, an unresolved citation ("2020; ?;"), a cut sentence; a
+# footnote run into the sentence ("building models that 1Unless otherwise specified", "and ∗Equal Contribution.",
+# "ORPO [40]7 introduces"), or its text left after the mark ("methods listed in Table 3. ranking losses.").
 _GARBLED = re.compile(r"[a-z]{2,}\.\d{1,2}\s+[A-Z][a-z]|[A-Za-z]{2,} (?:The|We|Our|They|These|Those|It) [a-z]{2,}|"
+                      r"(?<![\w.])\d{1,2}[A-Z][a-z]{2,}|[∗†‡][A-Z][a-z]|\]\d{1,2}\b|\d\.\s[a-z]{3,}|"
                       r"[A-Za-z],\d{1,2}\s|\b[a-z]{4,}\d{1,2}\b|[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]|"
                       r"\s[\u0300-\u036f]|[;(]\s?\?\s?[;)]|(?:\bi\.e|\be\.g|\bet al|\bcf)\.$")
 

@@ -240,6 +240,18 @@ def test_a_section_is_answered_by_its_opening_when_it_reads_as_prose():
      "garbled_answer"),  # a math italic letter read through a font without a Unicode map
     ('What does "P" find about ICDPO?', "We show that ICDPO equipped with R yields notable improvement overall.",
      "answer_needs_context"),  # a variable
+    ('What is the section "Introduction" of "P" about?', "The recent literature has seen much activity in building "
+     "models that 1Unless otherwise specified, our comparisons are with the text-davinci-001 engine.",
+     "garbled_answer"),  # a footnote run into the sentence
+    ('In "P", what is the implicit reward formulated using?', "In DPO, the implicit reward is formulated using the log "
+     "ratio of the likelihood of a response between the policy model and ∗Equal Contribution.", "garbled_answer"),
+    ('According to "P", what does ORPO introduce?', "ORPO [40]7 introduces an odds ratio term to contrast winning and "
+     "losing responses.", "garbled_answer"),  # a footnote mark after a citation
+    ('According to "P", what does Alpaca outperform?', "In terms of the average ROUGE-L scores, Alpaca outperforms "
+     "the other two models.", "answer_needs_context"),  # which two?
+    ('What do the authors of "P" compare SimPO with?', "We compare SimPO with other offline preference optimization "
+     "methods listed in Table 3. ranking losses.", "garbled_answer"),  # a footnote's text left after its mark
+    ('What does "P" say about Llama 2?', "Llama 2 7B and 13B models are trained on 2T tokens of public data.", None),
     ('What does "P" find about GPT-4?', "GPT-4 responses are on an average 1.5× longer than those of ChatGPT.", None),
     ('In "P", what is Microsoft?', "Microsoft is a huge company, and they could help you take the product further.",
      "example_answer"),
@@ -274,6 +286,78 @@ def test_extractive_skips_examples_people_figure_parts_and_asides():
                                                          "AlpacaEval", "CB", "WiC"))], asked
     assert "In P, what is GSM8K?" not in asked  # the ranking may answer what P says about GSM8K, not what it is
     assert "According to P, what does SimPO align?" in asked
+
+
+def test_extractive_asks_about_claims_behind_openers_citations_leading_phrases_and_purposes():
+    """Sentences that stand alone but open with a connective, a citation after the subject, a leading phrase, a
+    finding about a plain noun phrase, an action done for a purpose, a gerund subject or the authors' own thing are
+    asked about; the look-alikes that say nothing (a hope, a pointer, a verb without object, a clause's "to", a
+    gerund opening the sentence, a phrase run up to the next verb) are not."""
+    good = ["Consequently, P-tuning outperforms the state-of-the-art approaches on the few-shot SuperGlue benchmark.",
+            "Self-Correction (Welleck et al., 2022) decouples an imperfect base generator from a separate corrector.",
+            "On Arena-Hard, SimPO consistently achieves superior performance over all of the baselines we ran.",
+            "We find that hyperparameter tuning is crucial for achieving optimal performance of preference methods.",
+            "We adopt the automatic evaluation framework proposed by Vicuna to assess the performance of chatbots.",
+            "Combining the task definition with positive demonstration examples yields further improvement.",
+            "Our pipeline generates instruction, input, and output samples from a language model, then prunes them.",
+            "In P, what can the position bias be addressed by?",
+            "The system message, placed at the start of the prompt, provides the model with essential context.",
+            "While the training cost of full-length fine-tuning grows fast, PoSE only requires a fixed quota of memory."]
+    junk = ["We hope future work will hash out such details to better understand the pros and cons of it all.",
+            "We further study how the generated instructions differ from the seed instructions that are used to "
+            "prompt the generation.",
+            "Fine-tuning LLaMA models using PoSE, we experimented with three interpolation methods for long inputs.",
+            "Our results are presented in Table 4 for each of the three datasets and all of the model sizes.",
+            "P-tuning appears promising in automatically searching better prompts with far fewer hand-crafts.",
+            "Genie offers flexibility and can generate synthetic data for different domains and many tasks.",
+            "We use a lightweight classifier on the outputs to ensure their faithfulness and quality.",
+            "P-tuning puts initial prompt embeddings in different positions within the patterns."]
+    good[7] = "The position bias can be addressed by simple solutions such as swapping the two answers."
+    # concepts the paper uses three times; a name it writes twice mid-sentence
+    concept = ("The position bias is strong. We measure the position bias. Humans show no position bias, nor P-tuning. "
+               "We change the system message. Each system message is short.")
+    chunks = [_chunk(" ".join(good) + " " + concept, 0), _chunk(" ".join(junk), 1, "4 Results")]
+    asked = {p["question"].replace('"SimPO: Simple Preference Optimization"', "P"): p["answer"]
+             for p in extractive.extractive_document(chunks) if p["kind"] != "section"}
+    expected = {
+        "According to P, what does P-tuning outperform?": good[0],
+        "According to P, what does Self-Correction decouple?": good[1],
+        "According to P, what does SimPO achieve on Arena-Hard?": good[2],
+        "What do the authors of P find about hyperparameter tuning?": good[3],
+        "How do the authors of P assess the performance of chatbots?": good[4],
+        "According to P, what does combining the task definition with positive demonstration examples yield?": good[5],
+        "According to P, what does the authors' pipeline generate?": good[6],
+        "In P, what can the position bias be addressed by?": good[7],
+        "According to P, what does the system message provide?": good[8],
+        "According to P, what does PoSE require?": good[9],
+    }
+    assert {q: asked.get(q) for q in expected} == expected
+    assert not [q for q, a in asked.items() if a in junk], asked
+
+
+def test_extractive_asks_what_a_thing_is_designed_for_how_two_compare_and_by_what_means():
+    """"X is designed to ...", "X is more ... than Y" and "X <verb>s ... by <doing>" are asked as such; sentences
+    without a verb (a figure's title, a caption's fragment, an example's instruction), a table's row, a name cut
+    at a line end, "We conduct experiments to ..." and "To summarize, ..." are not."""
+    good = ["MT-Bench is designed to test multi-turn conversation and instruction-following ability of chatbots.",
+            "SimPO is more memory and compute-efficient than DPO in all of the settings we tried.",
+            "PoSE simulates long inputs by manipulating position indices within a fixed context window."]
+    junk = ["Impact of the target reward margin on the reward distribution of SimPO.",
+            "PoSE fine-tuning for extending the context window size from 2,048 to 8,192.",
+            "Use the word SimPO in a sentence and then in another one.",
+            "Discrete P-tuning BERT-base 48.3 BERT-large 50.6 * MegatronLM (11B) is too large for fine-tuning.",
+            "Llama3- Instruct-SimPO gives a detailed and well-formatted answer, which is easier to read.",
+            "We conduct experiments to measure and compare the quality of models under various setups.",
+            "To summarize, we can divide our quantitative evaluations into two separate parts of the paper."]
+    chunks = [_chunk(" ".join(good), 0), _chunk(" ".join(junk), 1, "4 Results")]
+    asked = {p["question"].replace('"SimPO: Simple Preference Optimization"', "P"): p["answer"]
+             for p in extractive.extractive_document(chunks) if p["kind"] != "section"}
+    expected = {"In P, what is MT-Bench designed to do?": good[0],
+                "According to P, how does SimPO compare with DPO?": good[1],
+                "According to P, how does PoSE simulate long inputs?": good[2]}
+    assert {q: asked.get(q) for q in expected} == expected
+    assert not [q for q, a in asked.items() if a in junk], asked
+    assert not extractive.prose(junk[0]) and not extractive.prose(junk[1]) and not extractive.prose(junk[3])
 
 
 def test_section_questions_are_at_most_their_share_of_a_documents_pairs(tmp_path):

@@ -450,6 +450,49 @@ def test_appendix_headings_run_into_text_and_prose_after_a_caption_are_split(tmp
     assert page2[4]["text"].startswith("The datasets that follow the figure")
 
 
+def test_a_footnote_between_the_halves_of_a_paragraph_is_read_after_them(tmp_path):
+    """A footnote at the foot of the left column (smaller type, a raised "1") sits between a sentence's halves in
+    reading order; it goes after the page's text, so the sentence is joined across the columns and the footnote is
+    a paragraph of its own, not run into the sentence ("building models that 1Unless otherwise specified ...")."""
+    doc = pymupdf.open()
+    p = doc.new_page(width=612, height=792)
+    write_lines(p, 160, 80, ["A Study With a Footnote"], 16, "hebo")
+    y = write_lines(p, 72, 130, ["1 Introduction"], 12, "hebo")
+    write_lines(p, 72, y, ["The recent literature has witnessed a great", "amount of activity in building models that"])
+    tw = pymupdf.TextWriter(p.rect)
+    tw.append((72, 700), "1", fontsize=5)
+    tw.append(tw.last_point, "Unless otherwise specified, we compare with", fontsize=8)
+    tw.append((72, 710), "the text-davinci-001 engine of the API.", fontsize=8)
+    tw.write_text(p)
+    write_lines(p, 320, 130, ["can follow natural language instructions, as", "many recent studies of them have shown.",
+                              "The right column carries on with more prose.", "It is long enough to be a column."])
+    doc.save(tmp_path / "p.pdf")
+    rec = ingest.extract_pdf.fn("id", str(tmp_path / "p.pdf"), make_params(tmp_path).ingest)
+    texts = [b["text"] for b in rec["pages"][0]["blocks"] if b["kind"] == "text"]
+    assert "building models that can follow natural language instructions, as many" in texts[0], texts
+    assert texts[-1] == "1Unless otherwise specified, we compare with the text-davinci-001 engine of the API."
+
+
+def test_a_footnote_mark_in_running_text_is_dropped_an_exponent_kept(tmp_path):
+    """A raised, smaller "11" after a word is a footnote's mark: read into the text it glues to the word ("API11 to
+    collect"). After a digit it is an exponent ("10" "3"), kept."""
+    doc = pymupdf.open()
+    p = doc.new_page(width=612, height=792)
+    write_lines(p, 160, 80, ["A Study With a Mark"], 16, "hebo")
+    tw = pymupdf.TextWriter(p.rect)
+    x, baseline = 72, 140
+    for text, raised in [("We use the OpenAI API", False), ("11", True), (" to collect about 10", False),
+                         ("3", True), (" responses for each of the tasks of the benchmark.", False)]:
+        tw.append((x, baseline - 3 if raised else baseline), text, fontsize=7 if raised else 10)
+        x = tw.last_point[0]
+    tw.write_text(p)
+    write_lines(p, 72, 170, ["More prose follows the marked sentence, so that the page holds enough text for",
+                             "ingest to take it as a paper rather than a scanned or empty page."])
+    doc.save(tmp_path / "p.pdf")
+    rec = ingest.extract_pdf.fn("id", str(tmp_path / "p.pdf"), make_params(tmp_path).ingest)
+    assert "We use the OpenAI API to collect about 103 responses for each" in full_text(rec)
+
+
 def test_line_end_hyphens():
     join = pdf_text.join_broken  # the last argument: spellings seen within lines elsewhere in the document
     assert join("the parame-", "terization of", set()) == "the parameterization of"

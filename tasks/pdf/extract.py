@@ -13,7 +13,8 @@ import pymupdf
 from tasks.params import IngestParams
 from tasks.pdf.cleanup import TABLE_CAPTION_RE, cut_references, drop_figure_text, drop_toc, mark_tables
 from tasks.pdf.headings import mark_layout, mark_named, mark_outline, read_outline
-from tasks.pdf.layout import drop_running_lines, metadata_title, order_blocks, read_lines, take_title
+from tasks.pdf.layout import (drop_running_lines, footnotes_last, metadata_title, order_blocks, read_lines,
+                              take_title)
 from tasks.pdf.text import join_continuations, mend_title, page_blocks, spellings_of
 
 ARXIV_RE = re.compile(r"arXiv:\s*(\d{4}\.\d{4,5}|[a-z][a-z.-]*/\d{7})(?:v\d+)?", re.I)
@@ -42,7 +43,7 @@ def extract(doc: pymupdf.Document, doc_id: str, cfg: IngestParams) -> dict:
         if cfg.drop_figure_text:
             lines[p], dropped = drop_figure_text(lines[p], body)
             figures += dropped
-    pages = [order_blocks(page) for page in lines]
+    pages = [footnotes_last(order_blocks(page), body) for page in lines]
     outline = read_outline(doc) if cfg.use_outline else []
     matched = 0
     if outline:

@@ -19,6 +19,7 @@ CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u
 SECTION_NUMBER_RE = re.compile(r"(?:\d{1,2}|[A-Z])(?:\.\d{1,2}){0,3}\.?")
 PAGE_NUMBER_RE = re.compile(r"(?:page\s*)?\d{1,4}(?:\s*(?:of|/)\s*\d{1,4})?|[ivxlc]{1,6}|[-–] ?\d{1,4} ?[-–]", re.I)
 BOLD_FONT_RE = re.compile(r"bold|medi|semibold|black|heavy|demi|-bd|\.b$", re.I)
+FOOTNOTE_MARK_RE = re.compile(r"[\d∗*†‡§¶]{1,2}")  # "1Unless otherwise specified ...", "∗Equal contribution"
 
 
 # TeX sets an accent as a glyph of its own before its letter ("Sch¨utze"); NFKC makes that spacing "¨" a space and
@@ -57,7 +58,9 @@ def read_lines(doc: pymupdf.Document) -> tuple[list[list[dict]], list[str], int,
                 spans = [s for s in line["spans"] if s["text"].strip()]
                 if not spans:
                     continue
-                text = clean("".join(s["text"] for s in line["spans"]))
+                text = clean("".join(s["text"] for i, s in enumerate(line["spans"])
+                                     if not (i and s["flags"] & pymupdf.TEXT_FONT_SUPERSCRIPT
+                                             and note_mark(s, line["spans"][i - 1]))))
                 if not text:
                     continue
                 if line["dir"][0] < 0.99:  # rotated: the arXiv stamp, axis labels; never body text
@@ -74,13 +77,26 @@ def read_lines(doc: pymupdf.Document) -> tuple[list[list[dict]], list[str], int,
                 heavy = sum(len(s["text"]) for s in lettered
                             if s["flags"] & pymupdf.TEXT_FONT_BOLD or BOLD_FONT_RE.search(s["font"]))
                 bold = heavy >= 0.6 * sum(len(s["text"]) for s in lettered)
+                # A footnote's mark: raised, in a smaller size than the words after it.
+                mark = len(spans) > 1 and spans[0]["size"] <= 0.8 * spans[1]["size"] \
+                    and FOOTNOTE_MARK_RE.fullmatch(spans[0]["text"].strip()) is not None
                 x0, y0, x1, y1 = line["bbox"]
                 lines.append(dict(text=text, block=b_no, x0=x0, y0=y0, x1=x1, y1=y1, page=page.number,
                                   size=round(max(s["size"] for s in lettered), 1), font=main["font"], bold=bold,
-                                  height=height, width=width, first=line is block["lines"][0]))
+                                  height=height, width=width, first=line is block["lines"][0], mark=mark))
         pages.append(join_numbers(lines))
     body = dict(size=sizes.most_common(1)[0][0] if sizes else 10.0, font=fonts.most_common(1)[0][0] if fonts else "")
     return pages, rotated, rotated_chars, body
+
+
+def note_mark(span: dict, before: dict) -> bool:
+    """A footnote's mark in running text, dropped from it: 1-2 digits or a dagger set raised and smaller after a
+    word or its punctuation ("API11 to collect", "applications.1 P-tuning"); an exponent follows a digit ("10^3")."""
+    return span["size"] < 0.9 * before["size"] and before["text"][-1:] in _MARKED \
+        and FOOTNOTE_MARK_RE.fullmatch(span["text"].strip()) is not None
+
+
+_MARKED = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:)’'\"”")
 
 
 def join_numbers(lines: list[dict]) -> list[dict]:
@@ -181,6 +197,20 @@ def order_blocks(lines: list[dict]) -> list[list[dict]]:
         rest = [b for b in rest if not any(b is x for x in band)]
         ordered += sorted(band, key=lambda b: (side(b) == "R", b["y0"])) + ([spanning] if spanning else [])
     return [b["lines"] for b in ordered]
+
+
+def footnotes_last(blocks: list[list[dict]], body: dict) -> list[list[dict]]:
+    """The page's footnotes after its other blocks. A footnote is a block in the page's lower half, set smaller
+    than the body, that opens with a raised mark ("1Unless otherwise specified ...") or a "∗"/"†"; read in
+    place, it sits between the halves of a paragraph broken at the column's end and is run into its sentence
+    ("building models that 1Unless otherwise specified, ..."), and the halves are not joined."""
+    def footnote(lines: list[dict]) -> bool:
+        first = lines[0]
+        return not first.get("table") and first["y0"] > first["height"] / 2 \
+            and first["size"] <= body["size"] - 0.5 and (first.get("mark") or first["text"][:1] in "∗*†‡")
+
+    notes = [b for b in blocks if footnote(b)]
+    return [b for b in blocks if not footnote(b)] + notes if notes else blocks
 
 
 def metadata_title(doc: pymupdf.Document) -> str:
