@@ -12,7 +12,7 @@ from tasks.dedup import NearDuplicates, minhash, minhash_to_json, question_key
 from tasks.files import read_json, read_jsonl
 from tasks.log import PipelineError
 from tasks.text import normalise, split_sentences
-from tests.conftest import SAMPLE_PDFS, data_half, in_flow, make_params
+from tests.helpers import SAMPLE_PDFS, data_half, in_flow, make_params
 
 
 @pytest.fixture(scope="module")

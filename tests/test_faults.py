@@ -24,7 +24,7 @@ from tasks.log import PipelineError, shown
 from tasks.params import load_params
 from tasks.prefect_server import check_database
 from tasks.runner import project_lock
-from tests.conftest import ROOT, make_params, prefect_home, write_params
+from tests.helpers import ROOT, make_params, write_params
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
@@ -265,7 +265,7 @@ def test_checkpoints_get_the_usual_permissions(tmp_path, monkeypatch):
     """safetensors writes 0600 files: a checkpoint's weights were readable by their owner only. A training stopped
     after its first checkpoint leaves it with the umask's modes, and its run says how the training ended."""
     from tasks import tracking, train
-    from tests.conftest import crash_training_at, in_flow
+    from tests.helpers import crash_training_at, in_flow
 
     p = make_params(tmp_path, train={"max_steps": 4, "save_steps": 1, "eval_steps": 4, "logging_steps": 1,
                                      "per_device_train_batch_size": 2})
@@ -573,12 +573,12 @@ def _group_alive(pgid: int) -> list[str]:
 
 
 @pytest.mark.slow  # starts a Prefect server
-def test_serve_schedules_runs_and_leaves_nothing_behind(tmp_path):
+def test_serve_schedules_runs_and_leaves_nothing_behind(tmp_path, prefect_home):
     # The deployment from prefect.yaml, its cron swapped for a 5 s interval so that a run fires during the test;
     # the folder has no params.yaml, so each run stops at once instead of running the pipeline.
     shutil.copy(ROOT / "prefect.yaml", tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(prefect_home(tmp_path / "prefect")), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_RUNNER_POLL_FREQUENCY="1", PYTHONPATH=str(ROOT))  # a due run starts within 1 s, not 10
     serve = subprocess.Popen([sys.executable, "-c", "from flows.serve import serve; serve(interval_s=5)"],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -629,7 +629,7 @@ def test_file_names_differing_only_in_control_characters_are_two_files(tmp_path,
     """`a\\n.pdf` and `a\\t.pdf` used to become one name (control characters replaced), and ingest crashed
     (generator raised StopIteration); records and the report name each file as it is on disk."""
     from tasks import ingest
-    from tests.conftest import SAMPLE_PDFS, in_flow
+    from tests.helpers import SAMPLE_PDFS, in_flow
 
     pdfs = tmp_path / "pdfs"
     pdfs.mkdir()

@@ -21,7 +21,7 @@ from tasks.log import PipelineError
 from tasks.pdf import cleanup
 from tasks.pdf import text as pdf_text
 from tasks.pdf.layout import clean
-from tests.conftest import ROOT, SAMPLE_PDFS, in_flow, make_params
+from tests.helpers import ROOT, SAMPLE_PDFS, in_flow, make_params
 
 MANIFEST = json.loads((SAMPLE_PDFS.parent / "manifest.json").read_text())
 PAPERS = pytest.mark.parametrize("paper", MANIFEST, ids=lambda m: Path(m["file"]).stem)

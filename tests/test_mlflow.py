@@ -13,7 +13,7 @@ import pytest
 
 from tasks import tracking
 from tasks.log import PipelineError
-from tests.conftest import ROOT, make_params
+from tests.helpers import ROOT, make_params
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from tasks import adapter, base_model, evaluate, scores, tracking, train, training_data
 from tasks.files import read_json, read_jsonl
 from tasks.log import PipelineError
-from tests.conftest import crash_training_at, data_half, in_flow, make_params
+from tests.helpers import crash_training_at, data_half, in_flow, make_params
 
 slow = pytest.mark.slow  # per test: the ones that train, evaluate or build the data half
 FAST = dict(max_steps=30, logging_steps=5, eval_steps=10, save_steps=10, per_device_train_batch_size=4)
@@ -172,7 +172,7 @@ def test_missing_adapter_is_one_line_not_a_traceback(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, write_params
+    from tests.helpers import ROOT, write_params
 
     p = make_params(tmp_path)
     with pytest.raises(PipelineError, match="no adapter in .*train one first"):

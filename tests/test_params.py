@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tasks.params import Params, ParamsError, load_params
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def dvc_stages() -> dict:

@@ -12,7 +12,7 @@ import pymupdf
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port, start, stop, wait_http
+from tests.helpers import ROOT, free_port, start, stop, wait_http
 
 
 def project_copy(tmp_path, edits: dict) -> tuple:
@@ -284,7 +284,7 @@ def test_a_killed_stage_leaves_no_prefect_server(tmp_path, sig):
     """Prefect's temporary server used to outlive a killed stage (re-parented to PID 1, running for good)."""
     import signal
 
-    from tests.conftest import make_params, write_params
+    from tests.helpers import make_params, write_params
 
     params = write_params(make_params(tmp_path), tmp_path / "params.yaml")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}

@@ -5,7 +5,7 @@ import pytest
 from tasks import base_model, qa, teacher
 from tasks.files import write_jsonl
 from tasks.log import PipelineError
-from tests.conftest import in_flow, make_params
+from tests.helpers import in_flow, make_params
 
 
 @pytest.fixture(scope="module")

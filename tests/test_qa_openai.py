@@ -13,7 +13,7 @@ from flows import report
 from tasks import evaluate, qa
 from tasks.files import read_json, read_jsonl, write_jsonl
 from tasks.log import PipelineError
-from tests.conftest import in_flow, make_params
+from tests.helpers import in_flow, make_params
 
 SECRET = "sk-test-" + "9f2c" * 8
 

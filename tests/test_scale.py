@@ -7,7 +7,7 @@ from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from tasks import base_model, train
 from tasks.files import read_json
-from tests.conftest import SAMPLE_PDFS, data_half, make_params
+from tests.helpers import SAMPLE_PDFS, data_half, make_params
 
 
 @pytest.mark.slow  # a Dask cluster of worker processes
@@ -81,7 +81,7 @@ def test_make_serve_uses_the_deployment_of_prefect_yaml(tmp_path, monkeypatch):
 
     from flows import serve
     from flows.pipeline import pipeline
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     [nightly] = [d for d in spec["deployments"] if d["name"] == "nightly"]
