@@ -123,7 +123,3 @@ def mlflow_history(tmp_path_factory, prefect_server) -> tuple:
 
     return build(tmp_path_factory.mktemp("mlflow-history"))
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _session_prefect_api(prefect_server) -> str:  # until the layers: every test has the session's server
-    return prefect_server
