@@ -1,5 +1,5 @@
 """MLflow records that tell the truth: runs closed with the right status, a corrupt or moved store, dataset inputs,
-promotion by confidence interval. (Training and evaluation end to end: tests/test_mlflow_runs.py.)"""
+promotion by confidence interval. (Training and evaluation end to end: test_mlflow_runs.py.)"""
 
 import json
 import os

@@ -114,7 +114,7 @@ def test_train_stage_resumes_after_interruption(data, monkeypatch, caplog):
         metrics = in_flow(train.run, data.train, data.mlflow, data.paths, data)
     assert any("resuming from" in m and "checkpoint-10" in m for m in caplog.messages)
     assert metrics["steps"] == FAST["max_steps"]
-    assert first_run  # the resumed run's MLflow link is tests/test_mlflow_runs.py's
+    assert first_run  # the resumed run's MLflow link is test_mlflow_runs.py's
     saved = (data.paths.adapter / "params.yaml").read_text()
     assert "max_steps: 30" in saved and "quantization: 4bit" in saved  # resolved params travel with the adapter
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {

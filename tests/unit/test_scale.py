@@ -48,7 +48,7 @@ def test_retraining_threshold_on_changed_training_pairs(tmp_path):
 
 def test_make_serve_uses_the_deployment_of_prefect_yaml(tmp_path, monkeypatch):
     """`make serve` serves the name, cron, timezone, parameters and description written in prefect.yaml: here a copy
-    with other values, served by a stand-in for Prefect's Runner (the real serving is test_faults.py's)."""
+    with other values, served by a stand-in for Prefect's Runner (the real serving is tests/e2e/test_faults.py's)."""
     from contextlib import contextmanager
 
     import yaml
