@@ -95,12 +95,12 @@ def test_make_serve_uses_the_deployment_of_prefect_yaml(tmp_path, monkeypatch):
 def test_loss_on_kept_positions_by_chunks_equals_the_models_own_loss():
     """Training projects only the positions whose next token is learned (answers; all of a document's text), a few
     rows at a time: the same loss and the same gradients as the model's own loss on full logits, packed or padded.
-    Packed rows (tasks.train.pack_rows) give the same loss as one padded row per example: no example sees another."""
+    Packed rows (tasks.training_data.pack_rows) give the same loss as one padded row per example: no example sees another."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tasks.loss import LinearCrossEntropy, with_loss_positions
-    from tasks.train import pack_rows
+    from tasks.training_data import pack_rows
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
