@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser run test ui serve bench clean
+.PHONY: install browser run test test-unit test-integration test-e2e ui serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -28,8 +28,17 @@ run: install              ## install, reproduce the whole pipeline with DVC, pri
 	python -m tasks.prefect_server dvc repro   # one Prefect server shared by every stage, stopped at the end
 	python -m flows.report
 
-test: install browser     ## the test suite (CI runs exactly this)
+test: install browser     ## the test suite, all three layers (CI runs exactly this)
 	python -m pytest
+
+test-unit: install        ## the unit layer: pure functions and small objects, no server or process (under a minute)
+	python -m pytest tests/unit
+
+test-integration: install ## stages in Prefect flows on tiny inputs, DVC in temp projects, MLflow stores, subprocesses
+	python -m pytest tests/integration
+
+test-e2e: install browser ## the whole pipeline under dvc repro, the deployment and serve, mlflow models serve, the UI
+	python -m pytest tests/e2e
 
 # Debian's Chromium for the MLflow UI browser test; without root or a package mirror that test skips itself.
 browser:

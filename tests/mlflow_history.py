@@ -1,25 +1,22 @@
-"""A real MLflow history, built once per test session: data half, one training of the builtin tiny model (a few
-steps), one evaluation, a skipped training and a second evaluation, in a store of its own. Used by
-tests/test_mlflow_runs.py (what the store holds) and tests/test_mlflow_ui.py (what the UI shows of it)."""
+"""A real MLflow history: data half, one training of the builtin tiny model (a few steps), one evaluation, a skipped
+training and a second evaluation, in a store of its own. Built once per session by the `mlflow_history` fixture
+(tests/conftest.py) for tests/integration/test_mlflow_runs.py (what the store holds) and
+tests/e2e/test_mlflow_ui.py (what the UI shows of it)."""
+
+from pathlib import Path
 
 import pytest
 
 from tasks import evaluate, promote, tracking, train
-from tests.conftest import data_half, in_flow, make_params
+from tests.helpers import data_half, in_flow, make_params
 
 FAST = dict(max_steps=8, logging_steps=4, eval_steps=4, save_steps=4, per_device_train_batch_size=4)
 EVAL = dict(max_examples=8, max_new_tokens=8, modes=["closed_book"], bootstrap_samples=200)
 
 
-_BUILT: list = []  # one history per session, shared by the modules that import this one
-
-
-def build(tmp_path_factory):
+def build(tmp: Path) -> tuple:
     """(params, client, experiment id, train run, train run after the first evaluation, skipped result); the
     store's URI is params.mlflow.tracking_uri (set MLFLOW_TRACKING_URI to it to read it)."""
-    if _BUILT:
-        return _BUILT[0]
-    tmp = tmp_path_factory.mktemp("mlflow-history")
     store = f"sqlite:///{tmp / 'mlflow.db'}"
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", store)
@@ -37,5 +34,4 @@ def build(tmp_path_factory):
         in_flow(promote.run, p.mlflow, p.evaluate, p.paths)
     finally:
         mp.undo()
-    _BUILT.append((p, client, exp_id, train_run, after_first_eval, skipped))
-    return _BUILT[0]
+    return p, client, exp_id, train_run, after_first_eval, skipped

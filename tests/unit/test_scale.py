@@ -1,34 +1,8 @@
-"""Scale-out: the data half on a Dask cluster matches the default runner; training is ready for DDP."""
-
-import shutil
-
-import pytest
-from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+"""Scale-out, unit layer: training is ready for DDP, retraining thresholds, `make serve`'s deployment, the chunked
+loss. The data half on a Dask cluster: tests/integration/test_scale.py."""
 
 from tasks import base_model, train
-from tasks.files import read_json
-from tests.conftest import SAMPLE_PDFS, data_half, make_params
-
-
-@pytest.mark.slow  # a Dask cluster of worker processes
-def test_dask_local_cluster_gives_the_same_qa_dataset(tmp_path, caplog):
-    corpus = tmp_path / "corpus"  # four papers: enough to fan out over two workers, half the work of eight
-    corpus.mkdir()
-    for pdf in sorted(SAMPLE_PDFS.glob("*.pdf"))[:4]:
-        shutil.copy(pdf, corpus)
-    threads = make_params(tmp_path / "threads", pdf_dir=corpus)
-    dask = make_params(tmp_path / "dask", pdf_dir=corpus,
-                       runner={"kind": "dask", "max_workers": 2, "dask_address": None})
-    data_half(threads, through="qa")
-    # The Dask workers (separate processes, started by the flow) must really compute, not read the cache. The
-    # setting, not the environment variable: Prefect reads its environment once, when it is first imported.
-    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}), caplog.at_level("INFO"):
-        data_half(dask, through="qa")  # the flow's task runner comes from params: a Dask LocalCluster
-    assert any(m.startswith("ingest: 4 computed, 0 from cache") for m in caplog.messages)
-    assert any(m.startswith("qa (extractive):") and ", 0 from cache" in m for m in caplog.messages)
-    a, b = read_json(threads.paths.qa_report), read_json(dask.paths.qa_report)
-    assert a["kept"] > 20 and a["dataset_hash"] == b["dataset_hash"]
-    assert threads.paths.chunks.read_text() == dask.paths.chunks.read_text()
+from tests.helpers import make_params
 
 
 def test_train_stage_is_ready_for_a_multi_gpu_launch(tmp_path, monkeypatch):
@@ -74,14 +48,14 @@ def test_retraining_threshold_on_changed_training_pairs(tmp_path):
 
 def test_make_serve_uses_the_deployment_of_prefect_yaml(tmp_path, monkeypatch):
     """`make serve` serves the name, cron, timezone, parameters and description written in prefect.yaml: here a copy
-    with other values, served by a stand-in for Prefect's Runner (the real serving is test_faults.py's)."""
+    with other values, served by a stand-in for Prefect's Runner (the real serving is tests/e2e/test_faults.py's)."""
     from contextlib import contextmanager
 
     import yaml
 
     from flows import serve
     from flows.pipeline import pipeline
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     [nightly] = [d for d in spec["deployments"] if d["name"] == "nightly"]
@@ -121,12 +95,12 @@ def test_make_serve_uses_the_deployment_of_prefect_yaml(tmp_path, monkeypatch):
 def test_loss_on_kept_positions_by_chunks_equals_the_models_own_loss():
     """Training projects only the positions whose next token is learned (answers; all of a document's text), a few
     rows at a time: the same loss and the same gradients as the model's own loss on full logits, packed or padded.
-    Packed rows (tasks.train.pack_rows) give the same loss as one padded row per example: no example sees another."""
+    Packed rows (tasks.training_data.pack_rows) give the same loss as one padded row per example: no example sees another."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tasks.loss import LinearCrossEntropy, with_loss_positions
-    from tasks.train import pack_rows
+    from tasks.training_data import pack_rows
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -1,5 +1,5 @@
 """What a person reads in the real MLflow UI (headless Chromium, Debian's package; `make test` installs it) about a
-real training and its evaluations (tests/mlflow_history.py), and two runs compared side by side."""
+real training and its evaluations (the `mlflow_history` fixture), and two runs compared side by side."""
 
 import html
 import json
@@ -13,8 +13,7 @@ import pytest
 
 from tasks import tracking
 from tasks.params import flatten
-from tests import mlflow_history
-from tests.conftest import free_port, start, stop, wait_http
+from tests.helpers import free_port, start, stop, wait_http
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Headless as root, and quiet: without the background-networking flags Chromium keeps trying hosts it cannot reach.
@@ -42,8 +41,8 @@ def after(lines: list[str], label: str, n: int = 1, section: str | None = None) 
 
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it as root)")
-def test_ui_shows_training_and_evaluation_runs_with_data_model_and_decision(tmp_path_factory, tmp_path, monkeypatch):
-    p, client, exp_id, train_run, _, _ = mlflow_history.build(tmp_path_factory)
+def test_ui_shows_training_and_evaluation_runs_with_data_model_and_decision(mlflow_history, tmp_path, monkeypatch):
+    p, client, exp_id, train_run, _, _ = mlflow_history
     store = p.mlflow.tracking_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     # Two more runs, in an experiment of their own, to compare side by side: all params, ROUGE per mode and model.

@@ -1,14 +1,13 @@
-"""params.yaml, the params model, dvc.yaml and the flow agree; bad params stop before any work."""
+"""params.yaml, the params model, dvc.yaml and the flow agree; bad params stop before any work (the pipeline's
+command line on bad params: tests/integration/test_params.py)."""
 
 import re
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from tasks.params import Params, ParamsError, load_params
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def dvc_stages() -> dict:
@@ -65,11 +64,3 @@ def test_bad_params_stop_with_one_line(tmp_path, edit, expected):
     with pytest.raises(ParamsError) as e:
         load_params(bad)
     assert str(e.value).startswith(f"error: {bad}: ") and expected in str(e.value) and "\n" not in str(e.value)
-
-
-def test_the_pipeline_cli_stops_on_bad_params_in_one_line(tmp_path):
-    bad = tmp_path / "params.yaml"
-    bad.write_text((ROOT / "params.yaml").read_text().replace("  seed: 7", "  seed: 7\n  sed: 3", 1))
-    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", str(bad)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and result.stderr == f"error: {bad}: split: unknown key 'sed' (did you mean seed?)\n"

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ROOT, SAMPLE_PDFS, make_params, start, stop, write_params
+from tests.helpers import ROOT, SAMPLE_PDFS, make_params, start, stop, write_params
 
 BIN = os.path.dirname(sys.executable)
 

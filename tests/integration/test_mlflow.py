@@ -1,5 +1,5 @@
 """MLflow records that tell the truth: runs closed with the right status, a corrupt or moved store, dataset inputs,
-promotion by confidence interval. (Training and evaluation end to end: tests/test_mlflow_runs.py.)"""
+promotion by confidence interval. (Training and evaluation end to end: test_mlflow_runs.py.)"""
 
 import json
 import os
@@ -7,13 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tasks import tracking
 from tasks.log import PipelineError
-from tests.conftest import ROOT, make_params
+from tests.helpers import ROOT, make_params
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from flows import report
 from tasks import evaluate, qa
 from tasks.files import read_json, read_jsonl, write_jsonl
 from tasks.log import PipelineError
-from tests.conftest import in_flow, make_params
+from tests.helpers import in_flow, make_params
+
 
 SECRET = "sk-test-" + "9f2c" * 8
 
@@ -245,25 +246,6 @@ def test_missing_key_is_one_clear_error(tmp_path, server, monkeypatch):
     p, _ = setup(tmp_path, server, n_chunks=1)
     with pytest.raises(PipelineError, match="environment variable OPENAI_API_KEY"):
         in_flow(qa.run, p.qa, p.paths)
-
-
-def test_strict_json_parsing_of_recorded_replies():
-    assert qa.parse_pairs('{"pairs": [{"question": "Q?", "answer": "A."}]}') == [
-        {"kind": "llm", "question": "Q?", "answer": "A."}]
-    assert qa.parse_pairs('```json\n{"pairs": []}\n```') == []
-    # Replies recorded from instruct models: a fenced reply with kinds is parsed; prose around the JSON is not.
-    recorded = ('```json\n{"pairs": [{"kind": "definition", "question": "What is weight-decomposed low-rank '
-                'adaptation (DoRA)?", "answer": "DoRA splits each weight into a magnitude and a direction."}, '
-                '{"kind": "trivia", "question": "Who wrote DoRA?", "answer": "Liu et al."}]}\n```')
-    assert [(p["kind"], p["question"][:10]) for p in qa.parse_pairs(recorded)] == [
-        ("definition", "What is we"), ("llm", "Who wrote ")]
-    for bad in ("Sure: Q? A.", '{"pairs": [{"question": "Q?"}]}', '[{"question": "Q?", "answer": "A"}]',
-                '{"pairs": "none"}', 'Here you go:\n{"pairs": []}'):
-        assert qa.parse_pairs(bad) is None
-    assert qa.parse_verdict('{"faithfulness": 5, "self_contained": 4, "usefulness": 3, "why": "ok"}') == {
-        "faithfulness": 5, "self_contained": 4, "usefulness": 3}
-    for bad in ('{"faithfulness": 6, "self_contained": 4, "usefulness": 3}', '{"faithfulness": "5"}', "5/5/5"):
-        assert qa.parse_verdict(bad) is None
 
 
 def test_an_invalid_chunks_line_is_named(tmp_path, server, monkeypatch):

@@ -11,18 +11,16 @@ from tasks import evaluate, promote, tracking, train
 from tasks.files import read_json
 from tasks.hashing import dir_hash
 from tasks.log import PipelineError
-from tests import mlflow_history
-from tests.conftest import crash_training_at, in_flow
+from tests.helpers import crash_training_at, in_flow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(mlflow_history):
     """Data half, one training, one evaluation, a skipped training and a second evaluation, in a store of its own
-    (built once per session: tests/test_mlflow_ui.py looks at the same runs in the UI)."""
-    history = mlflow_history.build(tmp_path_factory)
+    (built once per session: tests/e2e/test_mlflow_ui.py looks at the same runs in the UI)."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", history[0].mlflow.tracking_uri)
-    yield history
+    mp.setenv("MLFLOW_TRACKING_URI", mlflow_history[0].mlflow.tracking_uri)
+    yield mlflow_history
     mp.undo()
 
 
@@ -104,7 +102,7 @@ def test_the_adapter_is_a_registered_logged_model_that_answers(trained, monkeypa
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     # The same answer as the project's own adapter folder gives (same base, same adapter, greedy).
     params_file = p.paths.adapter.parent / "ask-params.yaml"
-    from tests.conftest import write_params
+    from tests.helpers import write_params
 
     write_params(p.model_copy(update={"evaluate": p.evaluate.model_copy(
         update={"max_new_tokens": p.mlflow.model_max_new_tokens})}), params_file)
