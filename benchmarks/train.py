@@ -130,7 +130,9 @@ def peak_memory_child(model_dir: str, quantization: str, loss: str, steps: int) 
     labels = ids.clone()
     labels[:, :192] = -100  # QA rows: a 192-token prompt, a 64-token answer (completion-only loss)
     batch = with_loss_positions(lambda _: {"input_ids": ids, "labels": labels})(None)
-    loss_func = LinearCrossEntropy(model) if loss == "kept" else None
+    loss_func = LinearCrossEntropy() if loss == "kept" else None
+    if loss_func:
+        loss_func.set_model_output(model)
     start = time.perf_counter()
     for _ in range(steps):
         if loss == "kept":

@@ -8,9 +8,11 @@ LoRA step, most of it thrown away under completion-only loss (prompt positions c
 - transformers 5 lets `logits_to_keep` take a boolean (batch, sequence) mask: the model's last hidden states are
   taken only at the kept positions, those whose next token is learned (answer positions for QA pairs, every position
   of a document's text);
-- the head itself moves into the loss (torchtune's LinearCrossEntropyLoss pattern: the model skips its output
-  layer, the loss applies it): `LinearCrossEntropy` projects a chunk of kept rows at a time and recomputes each
-  chunk in backward, so at most one chunk of logits (and its gradient) is ever alive, in whatever dtype.
+- the head itself moves into the loss, explicitly (torchtune's LinearCrossEntropyLoss.set_model_output:
+  `loss.set_model_output(model)` makes the model skip its output layer, and the loss applies it):
+  `LinearCrossEntropy` projects a chunk of kept rows at a time and recomputes each chunk in backward, so at most
+  one chunk of logits (and its gradient) is ever alive, in whatever dtype. `restore_model_output()` gives the
+  model its head back (to generate with it).
 The loss is the same mean cross-entropy the model's own loss computes, with the same gradients (a test checks).
 """
 
@@ -47,16 +49,27 @@ CHUNK_LOGITS = 2**23
 
 
 class LinearCrossEntropy:
-    """The Trainer's `compute_loss_func` for a model whose head was moved into the loss (`LinearCrossEntropy(model)`
-    makes the head return its input): `outputs.logits` then holds the final hidden states of the kept positions,
-    flattened in row order. Written here because the libraries that fuse head and loss (Liger, Cut Cross-Entropy)
-    need Triton/CUDA and torchtune's works on its own models; this is torch.utils.checkpoint around each chunk."""
+    """The Trainer's `compute_loss_func` for a model whose head was moved into the loss by `set_model_output`:
+    `outputs.logits` then holds the final hidden states of the kept positions, flattened in row order. Written here
+    because the libraries that fuse head and loss (Liger, Cut Cross-Entropy) need Triton/CUDA and torchtune's works
+    on its own models; this is torch.utils.checkpoint around each chunk."""
 
-    def __init__(self, model, chunk_logits: int = CHUNK_LOGITS):
-        head = model.get_output_embeddings()
-        self.project = head.forward  # the head's own computation (LoRA'd or trained copies included)
-        head.forward = _final_hidden_states  # the instance's forward only: weights, state_dict and hooks stay
-        self.rows = max(1, chunk_logits // model.config.get_text_config().vocab_size)
+    def __init__(self, chunk_logits: int = CHUNK_LOGITS):
+        self.chunk_logits = chunk_logits
+        self.head = self.project = None
+
+    def set_model_output(self, model) -> None:
+        """Move the model's head into this loss: the head's forward returns its input (the instance's forward only:
+        weights, state_dict and hooks stay, so the adapter saves as usual), and the loss applies the head's own
+        computation (LoRA'd or trained copies included) a chunk at a time."""
+        self.head = model.get_output_embeddings()
+        self.project = self.head.forward
+        self.head.forward = _final_hidden_states
+        self.rows = max(1, self.chunk_logits // model.config.get_text_config().vocab_size)
+
+    def restore_model_output(self) -> None:
+        """Give the model its head back (generation needs logits)."""
+        self.head.forward = self.project
 
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None):
         """Cross-entropy of the kept positions against their next tokens; summed and divided by the learned tokens

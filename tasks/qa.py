@@ -135,7 +135,7 @@ def grounding(answer: str, context: str) -> float:
     return _scorer().score(answer, context)["rougeL"].recall
 
 
-# What a careful reader rejects in a pair, from any backend (tests/test_data.py has a sentence of each class).
+# What a careful reader rejects in a pair, from any backend (tests/unit/test_data.py has a sentence of each class).
 # The paper's first person in a question ("What do the authors set for our data type?"): "us" only in lower case
 # (US is a country), "I" not inside a name ("RoBERTa-I", "Phase-I").
 _FIRST_PERSON = re.compile(r"(?<![\w-])(?:[Ww]e|[Oo]urs?|us|[Mm]y|me|I)(?![\w-])")

@@ -240,10 +240,12 @@ def train_adapter(cfg: TrainParams, mlflow_cfg: MLflowParams, paths: Paths, reco
     with log_training(mlflow_cfg, paths, record, key, run_id, main) as log:
         if main:
             remember_run(paths, key, log.run_id)
+        loss = LinearCrossEntropy()
+        loss.set_model_output(model)  # the head moves into the loss (torchtune's set_model_output)
         trainer = Trainer(model=model, args=training_arguments(cfg, Path(paths.checkpoints), torch.cuda.is_available()),
                           train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=with_loss_positions(collator(tokenizer, cfg.packing, cfg.max_seq_length)),
-                          compute_loss_func=LinearCrossEntropy(model),  # logits only where learned, by chunks
+                          compute_loss_func=loss,  # logits only where learned, by chunks
                           callbacks=[*log.callbacks, checkpoint_modes()])
         if resume:
             logger().info(f"train: resuming from {resume}")

@@ -17,6 +17,7 @@ from prefect import flow, task
 from tasks import cache, files, runner
 from tasks.cache import CACHE
 from tasks.files import read_jsonl
+from tasks.hashing import source_hash
 from tasks.log import PipelineError
 from tasks.runner import project_lock
 from tests.helpers import ROOT, make_params, write_params
@@ -32,21 +33,39 @@ def dvc_env() -> dict:
 # ---------------------------------------------------------------------------------------------- one cache rule
 
 
-@task(**CACHE)
-def _double(x: int) -> int:
-    return 2 * x
+@task(**CACHE, name="length")
+def _length(text: str) -> int:
+    return len(text)
 
 
-def test_prefect_cache_key_includes_the_imported_code(fresh_cache, monkeypatch):
+def test_the_item_cache_follows_the_code_a_result_depends_on(fresh_cache, monkeypatch, tmp_path, caplog):
+    """The per-item store every fan-out stage uses (cache.map_cached_iter), keyed on the code of the QA stage, read
+    from a copy of tasks/ this test edits: a helper QA's results depend on recomputes; infrastructure does not."""
+    import shutil
+
+    copy = tmp_path / "src"
+    shutil.copytree(ROOT / "tasks", copy / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(cache, "code_hash", lambda name: source_hash("tasks.qa", copy))
+
     @flow
-    def twice() -> list[str]:
-        return [_double(21, return_state=True).name for _ in range(2)]
+    def lengths() -> list[int]:
+        return list(cache.map_cached_iter(_length, ["a b", "c"], desc="lengths"))
 
-    assert twice() == ["Completed", "Cached"]
-    assert twice() == ["Cached", "Cached"]
-    # Any edit to a module the task's module imports changes code_hash, hence the key.
-    monkeypatch.setattr(cache, "code_hash", lambda name: "edited " + name)
-    assert twice() == ["Completed", "Cached"]
+    def counts() -> str:
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert lengths() == [3, 1]
+        return next(m for m in caplog.messages if m.startswith("lengths:")).removeprefix("lengths: ")
+
+    assert counts() == "2 computed, 0 from cache"
+    assert counts() == "0 computed, 2 from cache"
+    for infrastructure in ("log.py", "runner.py", "cache.py", "prefect_server.py", "tracking.py"):
+        (copy / "tasks" / infrastructure).write_text((copy / "tasks" / infrastructure).read_text() + "# edited\n")
+    assert counts() == "0 computed, 2 from cache"
+    text = copy / "tasks" / "text.py"  # split_sentences: QA's questions come from its sentences
+    text.write_text(text.read_text().replace("def split_sentences(text: str) -> list[str]:",
+                                             "def split_sentences(text: str) -> list[str]:  # edited"))
+    assert counts() == "2 computed, 0 from cache"
 
     # Run as `python -m tasks.chunk`, a stage's tasks live in __main__: the key still uses the stage's module.
     from tasks import chunk

@@ -124,7 +124,8 @@ def test_loss_on_kept_positions_by_chunks_equals_the_models_own_loss():
         return loss.detach(), [w.grad.clone() for w in model.parameters()]
 
     full = [loss_and_grads(lambda: model(**batch).loss) for batch in (packed, padded)]
-    loss_func = LinearCrossEntropy(model, chunk_logits=512 * 4)  # 4 rows a chunk: 25 kept rows make 7 chunks
+    loss_func = LinearCrossEntropy(chunk_logits=512 * 4)  # 4 rows a chunk: 25 kept rows make 7 chunks
+    loss_func.set_model_output(model)  # the head moves into the loss, explicitly
     for batch, (full_loss, full_grads) in zip((packed, padded), full):
         kept = with_loss_positions(lambda _: dict(batch))(None)
         labels = kept.pop("labels")
@@ -134,3 +135,6 @@ def test_loss_on_kept_positions_by_chunks_equals_the_models_own_loss():
         assert torch.allclose(loss, full_loss, atol=1e-5), (loss, full_loss)
         assert all(torch.allclose(g, f, atol=1e-5) for g, f in zip(grads, full_grads))
     assert torch.allclose(full[0][0], full[1][0], atol=1e-5), full
+    loss_func.restore_model_output()  # the model has its head back: full logits again, the same loss
+    assert model(**padded).logits.shape == (3, 20, model.config.vocab_size)
+    assert torch.allclose(model(**padded).loss, full[1][0], atol=1e-5)
