@@ -43,15 +43,24 @@ def project_copy(tmp_path, edits: dict) -> tuple:
     return work, env
 
 
-def _edited_leaf(node, key_path: list[str]):
-    """params with one leaf under `key_path` changed (the first leaf found: a number, a string, a flag, a list)."""
+def _edited_leaf(node, key_path: list[str]) -> str:
+    """Change one leaf of params under `key_path` (the first found: a number, a string, a flag, a list); return
+    its dotted key."""
+    path = list(key_path)
     for k in key_path:
         parent, last, node = node, k, node[k]
     while isinstance(node, dict) and node:
         parent, last = node, next(iter(node))
         node = node[last]
+        path.append(last)
     parent[last] = (not node if isinstance(node, bool) else node + 1 if isinstance(node, (int, float))
                     else node + ["x"] if isinstance(node, list) else f"{node}x" if isinstance(node, str) else "x")
+    return ".".join(path)
+
+
+def _changed(status: dict) -> set[str]:
+    """Stage names in DVC's status (its keys are `<dvc.yaml path>:<stage>` when run from another folder)."""
+    return {key.rsplit(":", 1)[-1] for key in status}
 
 
 def stages_changed_by_each_input(work) -> list[tuple[str, set[str], set[str]]]:
@@ -75,7 +84,9 @@ def stages_changed_by_each_input(work) -> list[tuple[str, set[str], set[str]]]:
     for key, expected in inputs.items():
         if key.startswith("params."):
             edited = yaml.safe_load((work / "params.yaml").read_text())
-            _edited_leaf(edited, key.removeprefix("params.").split(".")) if key != "params.yaml" else None
+            if key != "params.yaml":  # a stage reading the edited key, or a section holding it, is changed
+                leaf = _edited_leaf(edited, key.removeprefix("params.").split("."))
+                expected = {s.name for s in STAGES if any(leaf == p or leaf.startswith(p + ".") for p in s.params)}
             target, new = work / "params.yaml", yaml.safe_dump(edited, sort_keys=False) + "# edited\n"
             expected = expected | {"params"}  # params.yaml is the params stage's dep: any edit validates it again
         else:
@@ -83,13 +94,13 @@ def stages_changed_by_each_input(work) -> list[tuple[str, set[str], set[str]]]:
             new = None
         if target.is_dir():
             (target / "zz-edited.txt").write_text("edited\n")
-            found = set(Repo(str(work)).status())
+            found = _changed(Repo(str(work)).status())
             (target / "zz-edited.txt").unlink()
         else:
             old = target.read_bytes()
             target.write_bytes(new.encode() if new else old + b"\n")
             try:
-                found = set(Repo(str(work)).status())
+                found = _changed(Repo(str(work)).status())
             finally:
                 target.write_bytes(old)
         results.append((key, expected, found))
