@@ -17,7 +17,6 @@ process that opens the store, and SIGTERM closes it at once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -31,7 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from tasks.files import sqlite_problem
-from tasks.hashing import dir_hash
+from tasks.hashing import dir_hash, file_digest
 from tasks.log import PipelineError, logger
 from tasks.params import EvaluateParams, MLflowParams, Paths
 from tasks.scores import CHOICE, HELD_OUT, METRICS
@@ -228,11 +227,7 @@ def on_sigterm(close) -> callable:
 
 def md5_file(path: str | Path) -> str:
     """DVC 3's hash of a file (its md5), so a dataset input can be matched with dvc.lock."""
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def log_dataset(mlflow, path: str | Path, name: str, context: str):
