@@ -291,6 +291,8 @@ class TrainParams(Section):
     gradient_accumulation_steps: int = Field(gt=0)
     logging_steps: int = Field(gt=0)
     eval_steps: int = Field(gt=0)
+    max_eval_samples: int | None = Field(
+        gt=0, description="Held-out pairs in the eval loss during training: the first N of the eval split (None: all).")
     save_steps: int = Field(gt=0)
     min_changed_fraction: float = Field(
         ge=0, le=1, description="A scheduled run retrains only when at least this share of training pairs changed."

@@ -147,4 +147,6 @@ def setup_data(cfg: TrainParams, paths: Paths):
     read = documents_to_read(cfg, chunks, pairs)
     examples, counts = training_examples(cfg, tokenizer, pairs, chunks, read)
     eval_ds = load_split(Path(paths.eval_split), tokenizer, cfg)
+    if cfg.max_eval_samples is not None and cfg.max_eval_samples < len(eval_ds):
+        eval_ds = eval_ds.select(range(cfg.max_eval_samples))
     return tokenizer, Dataset.from_list(examples), eval_ds, read, counts

@@ -70,6 +70,16 @@ def test_every_lora_matrix_still_learns_after_an_evaluation_pass(data):
     assert not dead, f"{len(dead)} of {len(lora)} LoRA tensors got no gradient: {dead[:4]}"
 
 
+def test_max_eval_samples_keeps_the_first_held_out_pairs(data):
+    """`train.max_eval_samples` shortens training's eval loss to the first N held-out pairs; null keeps them all."""
+    everything = training_data.setup_data(data.train, data.paths)[2]
+    n = len(everything)
+    assert n > 3
+    first = training_data.setup_data(data.train.model_copy(update={"max_eval_samples": 3}), data.paths)[2]
+    assert first["input_ids"] == everything["input_ids"][:3]
+    assert len(training_data.setup_data(data.train.model_copy(update={"max_eval_samples": n + 5}), data.paths)[2]) == n
+
+
 @slow
 def test_train_loss_falls_and_adapter_reloads_identically(data, tmp_path):
     from transformers import Trainer
