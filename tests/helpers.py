@@ -39,12 +39,15 @@ def write_params(p: Params, path: Path) -> Path:
     return path
 
 
-def with_base_model(p: Params) -> Params:
+def with_base_model(p: Params, seed: int | None = None) -> Params:
     """`p` once its base model (the builtin tiny Llama unless `p.model` says otherwise) is built, in this process
-    and without a flow: the base_model stage's recipe called directly (a fraction of a second for the tiny one)."""
+    and without a flow: the base_model stage's recipe called directly (a fraction of a second for the tiny one).
+    `seed`: the tiny model initialised with another seed (same name, revision and tokenizer; other weights)."""
     from tasks import base_model
 
-    base_model.run(p.model, p.paths)
+    model = p.model if seed is None else p.model.model_copy(
+        update={"tiny": p.model.tiny.model_copy(update={"seed": seed})})
+    base_model.run(model, p.paths)
     return p
 
 

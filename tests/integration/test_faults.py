@@ -20,7 +20,7 @@ from tasks.files import read_jsonl
 from tasks.hashing import source_hash
 from tasks.log import PipelineError
 from tasks.runner import project_lock
-from tests.helpers import ROOT, make_params, write_params
+from tests.helpers import ROOT, make_params, with_base_model, write_params
 
 BIN = Path(sys.executable).parent
 
@@ -91,12 +91,6 @@ def test_a_result_the_cache_cannot_hold_is_named_not_silently_recomputed(fresh_c
                for m in caplog.messages)
 
 
-def _build_base(p, seed: int):
-    from tasks import base_model
-
-    base_model.run(p.model.model_copy(update={"tiny": p.model.tiny.model_copy(update={"seed": seed})}), p.paths)
-
-
 # ---------------------------------------------------------------------------------------------- keep good outputs
 
 
@@ -163,7 +157,7 @@ def test_checkpoints_get_the_usual_permissions(tmp_path, monkeypatch):
                                      "per_device_train_batch_size": 2})
     p = p.model_copy(update={"mlflow": p.mlflow.model_copy(update={
         "experiment_name": "checkpoints", "artifact_location": str(tmp_path / "mlartifacts")})})
-    _build_base(p, seed=0)
+    with_base_model(p, seed=0)
     text = "LoRA freezes the pretrained weights and trains two low-rank matrices per layer."
     files.write_jsonl(p.paths.chunks, [{"chunk_id": "c", "doc_id": "d", "title": "LoRA", "section": "2 Method",
                                          "kind": "text", "text": text}])

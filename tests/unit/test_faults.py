@@ -18,7 +18,7 @@ from tasks.hashing import module_files, project_modules, source_hash
 from tasks.log import PipelineError, shown
 from tasks.params import load_params
 from tasks.prefect_server import check_database
-from tests.helpers import ROOT, make_params, write_params
+from tests.helpers import ROOT, make_params, with_base_model, write_params
 
 
 # ---------------------------------------------------------------------------------------------- one cache rule
@@ -51,18 +51,12 @@ def test_code_hash_follows_every_project_import(tmp_path):
     assert "tasks/params.py" in module_files("tasks.base_model") and "tasks/files.py" in module_files("tasks.split")
 
 
-def _build_base(p, seed: int):
-    from tasks import base_model
-
-    base_model.run(p.model.model_copy(update={"tiny": p.model.tiny.model_copy(update={"seed": seed})}), p.paths)
-
-
 def test_training_key_covers_base_model_content_and_code(tmp_path, monkeypatch):
     from tasks.adapter import META
     from tasks.train import read_chunk_ids, run_key, skip_reason
 
     p = make_params(tmp_path, train={"min_changed_fraction": 1.0})  # data-wise, any change would be skipped
-    _build_base(p, seed=0)
+    with_base_model(p, seed=0)
     files.write_json(p.paths.split_report, {"train_hash": "t", "eval_hash": "e"})
     chunks = [{"chunk_id": f"c{i}", "doc_id": "d", "title": "LoRA", "section": "Method", "text": f"Text {i}."}
               for i in range(2)]
@@ -95,11 +89,11 @@ def test_training_key_covers_base_model_content_and_code(tmp_path, monkeypatch):
         "code_hash": key["code_hash"], "train_pair_ids": ["a", "b"],
         "read_chunk_ids": read_chunk_ids(p.train, p.paths)})
 
-    _build_base(p, seed=1)  # same name, revision and tokenizer: other weights
+    with_base_model(p, seed=1)  # same name, revision and tokenizer: other weights
     rebuilt = run_key(p.train, p.paths)
     assert rebuilt["key"] != key["key"] and skip_reason(p.train, p.paths, rebuilt, ["a", "b"]) is None
 
-    _build_base(p, seed=0)
+    with_base_model(p, seed=0)
     assert run_key(p.train, p.paths) == key
     monkeypatch.setattr("tasks.train.code_hash", lambda name: "tasks/train.py edited")
     edited = run_key(p.train, p.paths)
