@@ -8,6 +8,7 @@ Infrastructure: editing this module recomputes nothing (tasks/hashing.py: INFRAS
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import re
 import shutil
@@ -40,9 +41,21 @@ def task_runner(runner: RunnerParams):
         return DaskTaskRunner(address=runner.dask_address)
     return DaskTaskRunner(
         cluster_kwargs={"n_workers": runner.max_workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None}
+                        "dashboard_address": None, "env": _dask_worker_env()}
     )
 
+
+
+@functools.cache
+def _dask_worker_env() -> dict[str, str]:
+    """Dask's pre-spawn variables (OMP_NUM_THREADS=1, ...) as the workers' own environment. Its nanny writes them
+    into this process's os.environ before it spawns a worker and never takes them back: torch imported here
+    afterwards, and every process started afterwards (a stage's training), would run on one thread."""
+    import dask
+
+    env = dask.config.get("distributed.nanny.pre-spawn-environ")
+    dask.config.set({"distributed.nanny.pre-spawn-environ": {}})
+    return {k: str(v) for k, v in env.items()}
 
 
 class DeclaredPaths:

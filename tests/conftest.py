@@ -34,6 +34,12 @@ def pytest_configure(config):
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
     )
     os.environ.pop("PREFECT_API_URL", None)  # the unit layer has none; prefect_server sets it for the others
+    # Prefect configures logging when `prefect.main` is first imported, which replaces the root logger's handlers:
+    # here, once, not inside whichever test first runs a flow, where it would remove pytest's capture handlers (that
+    # test's caplog would see nothing). Later calls are incremental and keep them.
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
 
 
 def pytest_unconfigure(config):
