@@ -28,8 +28,8 @@ run: install              ## install, reproduce the whole pipeline with DVC, pri
 	python -m tasks.prefect_server dvc repro   # one Prefect server shared by every stage, stopped at the end
 	python -m flows.report
 
-test: install browser     ## the test suite, all three layers (CI runs exactly this)
-	python -m pytest
+test: install browser     ## the test suite, all three layers, on two workers (CI runs exactly this)
+	python -m pytest -n 2 --dist worksteal
 
 test-unit: install        ## the unit layer: pure functions and small objects, no server or process (under a minute)
 	python -m pytest tests/unit

@@ -34,12 +34,25 @@ def pytest_configure(config):
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
     )
     os.environ.pop("PREFECT_API_URL", None)  # the unit layer has none; prefect_server sets it for the others
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One of `make test`'s two workers on two cores: torch here, and in what this worker starts, on one thread.
+        # Two pools of two threads spin against each other: a 12 s training test took 97 s, and the SmolLM2
+        # `dvc repro` with two threads beside the other worker took 476 s.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Prefect configures logging when `prefect.main` is first imported, which replaces the root logger's handlers:
     # here, once, not inside whichever test first runs a flow, where it would remove pytest's capture handlers (that
     # test's caplog would see nothing). Later calls are incremental and keep them.
     from prefect.logging.configuration import setup_logging
 
     setup_logging()
+
+
+def pytest_collection_modifyitems(config, items):
+    # Under pytest-xdist (`make test` runs two workers, --dist worksteal), the SmolLM2 `dvc repro` starts first: it
+    # is the longest test by far (half of the suite's CPU time), so one worker runs it while the other works through
+    # the rest, and takes the first one's waiting tests when it runs out. Alone, the layers run fastest first.
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker collects and orders; xdist checks they agree
+        items.sort(key=lambda item: not item.nodeid.startswith("tests/e2e/test_pipeline.py::"))
 
 
 def pytest_unconfigure(config):
