@@ -8,7 +8,6 @@ Infrastructure: editing this module recomputes nothing (tasks/hashing.py: INFRAS
 from __future__ import annotations
 
 import fcntl
-import functools
 import os
 import re
 import shutil
@@ -39,23 +38,25 @@ def task_runner(runner: RunnerParams):
 
     if runner.dask_address:
         return DaskTaskRunner(address=runner.dask_address)
+    _dask_pre_spawn_env_to_workers()
     return DaskTaskRunner(
         cluster_kwargs={"n_workers": runner.max_workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None, "env": _dask_worker_env()}
+                        "dashboard_address": None}
     )
 
 
 
-@functools.cache
-def _dask_worker_env() -> dict[str, str]:
-    """Dask's pre-spawn variables (OMP_NUM_THREADS=1, ...) as the workers' own environment. Its nanny writes them
-    into this process's os.environ before it spawns a worker and never takes them back: torch imported here
-    afterwards, and every process started afterwards (a stage's training), would run on one thread."""
+def _dask_pre_spawn_env_to_workers() -> None:
+    """Dask's pre-spawn variables (OMP_NUM_THREADS=1, ...) become the workers' own environment (its nanny sets
+    `distributed.nanny.environ` in the worker). As pre-spawn variables, the nanny writes them into this process's
+    os.environ before it spawns a worker and never takes them back: torch imported here afterwards, and every process
+    started afterwards (a stage's training), would run on one thread. Idempotent."""
     import dask
+    import distributed  # noqa: F401  (its config defaults are loaded with it)
 
-    env = dask.config.get("distributed.nanny.pre-spawn-environ")
-    dask.config.set({"distributed.nanny.pre-spawn-environ": {}})
-    return {k: str(v) for k, v in env.items()}
+    nanny = dask.config.get("distributed.nanny")
+    dask.config.set({"distributed.nanny.environ": {**nanny["pre-spawn-environ"], **nanny["environ"]},
+                     "distributed.nanny.pre-spawn-environ": {}})
 
 
 class DeclaredPaths:
