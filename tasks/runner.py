@@ -45,7 +45,6 @@ def task_runner(runner: RunnerParams):
     )
 
 
-
 def _dask_pre_spawn_env_to_workers() -> None:
     """Dask's pre-spawn variables (OMP_NUM_THREADS=1, ...) become the workers' own environment (its nanny sets
     `distributed.nanny.environ` in the worker). As pre-spawn variables, the nanny writes them into this process's
